@@ -1,0 +1,16 @@
+"""belm: exact inversion of diffusion models (BELM, O-BELM, DDIM, BDIA, EDICT).
+
+    >>> from belm import Schedule, OBELM
+    >>> sched = Schedule.from_betas(betas, num_steps=50)
+    >>> s = OBELM(eps_fn, sched)
+    >>> x0 = s.sample(xT); lat = s.invert(x0); s.sample(lat)   # == x0 up to rounding
+"""
+
+from belm.errors import BELMError, LatentMismatchError, NonFiniteError, UnstableRuleError
+from belm.schedule import Schedule
+from belm.solvers import BDIA, DDIM, EDICT, OBELM, Latent, Sampler
+
+__version__ = "0.1.0"
+
+__all__ = ["Schedule", "DDIM", "BDIA", "OBELM", "EDICT", "Latent", "Sampler",
+           "BELMError", "NonFiniteError", "LatentMismatchError", "UnstableRuleError", "__version__"]

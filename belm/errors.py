@@ -1,0 +1,26 @@
+"""Exceptions raised by belm. Each subclasses the builtin a caller would expect."""
+
+from __future__ import annotations
+
+__all__ = ["BELMError", "NonFiniteError", "LatentMismatchError", "UnstableRuleError"]
+
+
+class BELMError(Exception):
+    """Base class of belm's own exceptions."""
+
+
+class NonFiniteError(BELMError, ValueError):
+    """The network (or the input) produced NaN/Inf; the message names the level and timestep."""
+
+    def __init__(self, message: str, *, level: int | None = None, timestep: int | None = None) -> None:
+        super().__init__(message)
+        self.level = level
+        self.timestep = timestep
+
+
+class LatentMismatchError(BELMError, ValueError):
+    """A latent was given to a sampler whose method or schedule did not produce it."""
+
+
+class UnstableRuleError(BELMError, ValueError):
+    """A multistep rule is not zero-stable in both directions."""
