@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BELMError", "NonFiniteError", "LatentMismatchError", "UnstableRuleError"]
+__all__ = ["BELMError", "NonFiniteError", "LatentMismatchError", "UnstableRuleError", "LatticeOverflowError"]
 
 
 class BELMError(Exception):
@@ -24,3 +24,7 @@ class LatentMismatchError(BELMError, ValueError):
 
 class UnstableRuleError(BELMError, ValueError):
     """A multistep rule is not zero-stable in both directions."""
+
+
+class LatticeOverflowError(BELMError, ValueError):
+    """A bitwise chain outgrew its int64 lattice (never wrapped around silently)."""

@@ -84,9 +84,14 @@ def grid_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "lin
     elif spacing == "leading":
         steps = (np.arange(0, N) * (T // N)).round()[::-1] + int(steps_offset)
     elif spacing == "trailing":
-        steps = np.round(np.arange(T, 0, -T / N)) - 1
+        # T − i·T/N for i < N, as diffusers' arange(T, 0, −T/N), without arange's float
+        # length rounding that can append an N+1-th entry of −1 (e.g. T = 39, N = 37).
+        steps = np.round(T - np.arange(N) * (T / N)) - 1
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}")
+    if steps.max() >= T:
+        raise ValueError(f"steps_offset={steps_offset} with spacing='leading' and num_steps={N} puts a timestep "
+                         f"at {int(steps.max())} > T-1 = {T - 1}; use fewer steps or spacing='trailing'")
     return steps.astype(np.int64).copy()
 
 
@@ -170,8 +175,6 @@ class Schedule:
             raise ValueError("betas must lie in (0, 1); got values outside that range")
         ac = np.cumprod(1.0 - b)
         ts = grid_timesteps(b.size, num_steps, spacing, steps_offset)
-        if np.any(ts >= b.size):
-            raise ValueError(f"steps_offset={steps_offset} pushes timesteps past T-1={b.size - 1}; lower it")
         return cls(ac, ts, final_alpha_cumprod=final_alpha_cumprod, clean_timestep=clean_timestep)
 
     @classmethod

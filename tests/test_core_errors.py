@@ -120,3 +120,10 @@ def test_non_finite_model_output_names_the_level():
     # The check can be turned off: then NaN propagates (the user asked for it).
     out = OBELM(eps_fn, s, progress=False, check_finite=False).sample(torch.randn(1, 3))
     assert torch.isnan(out).all()
+
+
+def test_trailing_grid_has_exactly_n_levels_for_awkward_ratios():
+    # np.arange(T, 0, -T/N) returns N + 1 entries for some T, N (the last being −1).
+    for T, N in [(39, 37), (1000, 999), (97, 91), (10, 3)]:
+        ts = Schedule.from_betas(make_betas("linear", T), N, "trailing").timesteps
+        assert len(ts) == N and int(ts[0]) == T - 1 and int(ts[-1]) >= 0

@@ -41,8 +41,10 @@ class MultistepSampler(Sampler):
 
     steps = 1
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, eps_fn, schedule, *, exact: str = "float", **kwargs) -> None:
+        super().__init__(eps_fn, schedule, **kwargs)
+        if exact not in ("float", "bitwise"):
+            raise ValueError(f"exact must be 'float' (default) or 'bitwise' (2-step methods); got {exact!r}")
         N = self.schedule.num_steps
         if N < self.steps:
             raise ValueError(f"{self.name} is a {self.steps}-step method and needs num_steps >= {self.steps}; "
@@ -53,6 +55,11 @@ class MultistepSampler(Sampler):
                 raise ValueError(f"{self.name}: member {m} must be a bidirectional {m}-step relation")
         # Converted once per (method, schedule): the loops only read Python floats.
         self._coef = [member.in_x() for member in self.members]
+        self.exact_mode = exact
+        self._lattice = None
+        if exact == "bitwise":
+            from belm.solvers.bitwise import LatticeEngine
+            self._lattice = LatticeEngine(self)
 
     def relation(self, m: int) -> Relation:
         """The m-step member (2 ≤ m ≤ k) of this method on ``self.schedule``."""
@@ -66,6 +73,8 @@ class MultistepSampler(Sampler):
     # -- sampling ----------------------------------------------------------------------
     def sample(self, x: torch.Tensor | Latent, *, from_level: int = 0,
                callback: Optional[Callback] = None) -> torch.Tensor:
+        if self._lattice is not None:
+            return self._lattice.sample(x, from_level=from_level, callback=callback)
         N, k = self.schedule.num_steps, self.steps
         if isinstance(x, Latent):
             self._check_latent(x)
@@ -106,6 +115,8 @@ class MultistepSampler(Sampler):
 
     # -- inversion ---------------------------------------------------------------------
     def invert(self, x0: torch.Tensor, *, to_level: int = 0, callback: Optional[Callback] = None) -> Latent:
+        if self._lattice is not None:
+            return self._lattice.invert(x0, to_level=to_level, callback=callback)
         check_tensor(x0, "x0")
         N, k = self.schedule.num_steps, self.steps
         to_level = self._level_arg(to_level, "to_level")
