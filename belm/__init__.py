@@ -6,11 +6,11 @@
     >>> x0 = s.sample(xT); lat = s.invert(x0); s.sample(lat)   # == x0 up to rounding
 """
 
-from belm.errors import BELMError, LatentMismatchError, NonFiniteError, UnstableRuleError
+from belm.errors import BELMError, LatentMismatchError, LatticeOverflowError, NonFiniteError, UnstableRuleError
 from belm.schedule import Schedule
-from belm.solvers import BDIA, DDIM, EDICT, OBELM, Latent, Sampler
+from belm.solvers import BDIA, BELM, DDIM, EDICT, OBELM, Latent, Sampler
 
 __version__ = "0.1.0"
 
-__all__ = ["Schedule", "DDIM", "BDIA", "OBELM", "EDICT", "Latent", "Sampler",
-           "BELMError", "NonFiniteError", "LatentMismatchError", "UnstableRuleError", "__version__"]
+__all__ = ["Schedule", "DDIM", "BDIA", "OBELM", "EDICT", "BELM", "Latent", "Sampler",
+           "BELMError", "NonFiniteError", "LatticeOverflowError", "LatentMismatchError", "UnstableRuleError", "__version__"]

@@ -11,7 +11,7 @@ for x_{N−j}; member 1 is DDIM inversion, which evaluates ε at the *known* cle
 because the relation needs it at the unknown one), then solves member k for its noisiest
 state, down to the requested level. The latent holds the k states x_s … x_{s+k−1}, so
 sampling it re-runs exactly the relations inversion solved: exact reconstruction.
-Network calls: sample N, invert N, sample(latent) N − k + 1.
+Network calls: sample N, invert N, sample(latent) N − 1 (ε at levels 1 … N−1) for k ≥ 2.
 """
 
 from __future__ import annotations

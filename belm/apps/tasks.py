@@ -1,0 +1,149 @@
+"""The applications, as plain functions: each composes a model handle, a sampler and tensors.
+
+They return tensors and figures; writing files is the CLI's job (:mod:`belm.cli`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+
+from belm.apps.metrics import frechet_distance, reconstruction_errors
+from belm.apps.models import ModelHandle
+from belm.solvers.base import Latent
+from belm.solvers.registry import make_sampler
+
+__all__ = ["reconstruct", "edit", "interpolate", "slerp", "generate", "seeded_noise", "classify", "fd_to_reference"]
+
+
+def _sampler(model: ModelHandle, name: str, steps: int, condition: Any, guidance: float, progress: bool):
+    return make_sampler(name, model.eps(condition, guidance), model.schedule(steps), progress=progress)
+
+
+def reconstruct(model: ModelHandle, images: torch.Tensor, *, sampler: str = "obelm", steps: int = 50,
+                condition: Any = None, guidance: float = 1.0, progress: bool = True) -> dict:
+    """Invert images and sample them back with the same condition.
+
+    Returns a dict with ``reconstruction`` (images in [−1, 1]), per-image ``latent`` errors
+    (model space) and, for latent models, ``pixel`` errors of the decoded images.
+    """
+    s = _sampler(model, sampler, steps, condition, guidance, progress)
+    x0 = model.encode(images)
+    x_rec = s.sample(s.invert(x0))
+    out = {"latent": reconstruction_errors(x0, x_rec), "reconstruction": model.decode(x_rec)}
+    if model.kind == "latent":
+        out["pixel"] = reconstruction_errors(model.decode(x0), out["reconstruction"])
+    return out
+
+
+def edit(model: ModelHandle, images: torch.Tensor, source: Any, target: Any, *, sampler: str = "obelm",
+         steps: int = 50, freeze: int = 0, guidance: float = 3.0, inversion_guidance: float = 1.0,
+         progress: bool = True) -> torch.Tensor:
+    """Invert with the ``source`` condition up to level ``freeze``, resample with ``target``.
+
+    ``freeze`` = 0 inverts all the way to the noisiest level; larger values keep more of the
+    original (the chain is re-sampled only from level ``freeze`` on).
+    """
+    schedule = model.schedule(steps)
+    if not 0 <= freeze < steps:
+        raise ValueError(f"freeze must lie in [0, {steps - 1}] (freeze < steps); got {freeze}")
+    inverter = make_sampler(sampler, model.eps(source, inversion_guidance), schedule, progress=progress)
+    lat = inverter.invert(model.encode(images), to_level=freeze)
+    resampler = make_sampler(sampler, model.eps(target, guidance), schedule, progress=progress)
+    return model.decode(resampler.sample(lat))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """Spherical interpolation per sample (exact endpoints: weight 0 → a, 1 → b, bit for bit)."""
+    if weight == 0:
+        return a.clone()
+    if weight == 1:
+        return b.clone()
+    fa, fb = a.flatten(1), b.flatten(1)
+    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1, 1))
+    sin = torch.sin(theta)
+    wa = torch.where(sin > 1e-8, torch.sin((1 - weight) * theta) / sin, torch.full_like(sin, 1 - weight))
+    wb = torch.where(sin > 1e-8, torch.sin(weight * theta) / sin, torch.full_like(sin, weight))
+    shape = (-1,) + (1,) * (a.ndim - 1)
+    return wa.view(shape) * a + wb.view(shape) * b
+
+
+def interpolate(model: ModelHandle, image_a: torch.Tensor, image_b: torch.Tensor, *, num: int = 8,
+                sampler: str = "obelm", steps: int = 50, condition: Any = None, guidance: float = 1.0,
+                progress: bool = True) -> torch.Tensor:
+    """``num`` images between two *inverted real images* (1, C, H, W) each.
+
+    Every tensor of the two latents (for 2-step methods the pair x_0, x_1) is slerped with
+    the same weight, so weight 0 and 1 give back the originals exactly.
+    """
+    if num < 2:
+        raise ValueError(f"num must be >= 2 for an interpolation; got {num}")
+    s = _sampler(model, sampler, steps, condition, guidance, progress)
+    la, lb = s.invert(model.encode(image_a)), s.invert(model.encode(image_b))
+    if type(la) is not Latent:
+        raise ValueError("interpolation needs float latents (exact='float')")
+    weights = [i / (num - 1) for i in range(num)]
+    mixed = [la.replace(states=[slerp(xa, xb, w) for xa, xb in zip(la.states, lb.states)]) for w in weights]
+    batch = la.replace(states=[torch.cat([m.states[i] for m in mixed]) for i in range(len(la.states))])
+    return model.decode(s.sample(batch))
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One standard-normal tensor per seed, each from its own generator: sample i depends only
+    on seeds[i], so any split of the seed range (batches, processes) gives the same bits."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype)
+                        for s in seeds])
+
+
+def generate(model: ModelHandle, seeds: Sequence[int], *, sampler: str = "obelm", steps: int = 50,
+             condition: Any = None, guidance: float = 1.0, batch_size: int = 64,
+             progress: bool = True) -> torch.Tensor:
+    """Images for the given seeds, in batches of ``batch_size`` (results do not depend on it
+    for per-sample deterministic networks)."""
+    per_sample = isinstance(condition, (list, tuple, torch.Tensor))
+    if per_sample and len(condition) != len(seeds):
+        raise ValueError(f"one condition per seed expected: {len(condition)} conditions for {len(seeds)} seeds")
+    shape = model.shape if model.kind == "pixel" else _latent_shape(model)
+    schedule = model.schedule(steps)
+    outs = []
+    for i in range(0, len(seeds), batch_size):
+        cond = list(condition[i:i + batch_size]) if per_sample else condition
+        s = make_sampler(sampler, model.eps(cond, guidance), schedule, progress=progress)
+        noise = seeded_noise(shape, seeds[i:i + batch_size])
+        outs.append(model.decode(s.sample(noise.to(model.unet.device))))
+    return torch.cat(outs) if outs else torch.empty(0, *model.shape)
+
+
+def _latent_shape(model: ModelHandle) -> tuple[int, int, int]:
+    C, H, W = model.shape
+    f = model.sd.vae_factor
+    return (model.sd.latent_channels, H // f, W // f)
+
+
+@torch.no_grad()
+def classify(model: ModelHandle, images: torch.Tensor) -> Optional[torch.Tensor]:
+    """Predicted class ids by the model's classifier (None if it has none)."""
+    if model.classifier is None:
+        return None
+    return model.classifier(images.to(torch.float32)).argmax(1)
+
+
+def fd_to_reference(model: ModelHandle, images: torch.Tensor, reference: torch.Tensor,
+                    extractor=None) -> float:
+    """Fréchet distance between two image sets in the feature space of ``extractor``
+    (default: the bundled digit classifier's penultimate layer: FD-digits)."""
+    if extractor is None:
+        if model.classifier is None:
+            raise ValueError("this model has no bundled classifier; pass an extractor (e.g. Inception features)")
+        extractor = model.classifier.features
+    return frechet_distance(images.to(torch.float32), reference.to(torch.float32), extractor=extractor)
+
+
+def psnr_summary(errors: dict) -> dict:
+    """Aggregate per-image figures into the summary.json fields."""
+    finite = [p for p in errors["psnr"] if math.isfinite(p)]
+    return {"max_abs_error": max(errors["max_abs_error"]), "mse": sum(errors["mse"]) / len(errors["mse"]),
+            "psnr": (sum(finite) / len(finite)) if finite else math.inf}
