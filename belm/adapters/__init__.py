@@ -1,0 +1,39 @@
+"""Adapters: ε functions from models, and images to model space and back.
+
+- :func:`to_epsilon`: convert "epsilon" / "v_prediction" / "sample" predictions to ε.
+- :class:`DiffusersEps`: ``eps_fn(x, t)`` from a diffusers UNet, with classifier-free
+  guidance batched into one forward pass.
+- :class:`StableDiffusion`: a latent pipeline (VAE + text encoder + UNet + scheduler):
+  ``encode`` / ``decode`` images, ``eps(prompt=...)``, ``schedule(num_steps)``.
+- :class:`BELMScheduler`, :class:`BELMInverseScheduler`: O-BELM / BDIA / DDIM as diffusers
+  schedulers for stock pipelines (imported lazily; they need diffusers).
+
+Adapters are thin: no sampler logic lives here. diffusers / transformers / PIL are
+imported lazily (only when a folder is loaded or an image is read).
+"""
+
+from typing import Any
+
+from belm.adapters.eps import PREDICTION_TYPES, DiffusersEps, to_epsilon
+from belm.adapters.stable_diffusion import StableDiffusion
+
+__all__ = ["PREDICTION_TYPES", "DiffusersEps", "StableDiffusion", "to_epsilon",
+           "BELMScheduler", "BELMInverseScheduler"]
+
+_LAZY = ("BELMScheduler", "BELMInverseScheduler")
+
+
+def __getattr__(name: str) -> Any:
+    """Import the diffusers scheduler classes on first use (diffusers is an optional dependency)."""
+    if name in _LAZY:
+        try:
+            from belm.adapters import schedulers
+        except ImportError as exc:
+            raise ImportError(f"belm.adapters.{name} needs diffusers; install it with "
+                              f"pip install 'belm[diffusers]' ({exc})") from exc
+        return getattr(schedulers, name)
+    raise AttributeError(f"module 'belm.adapters' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
