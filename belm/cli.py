@@ -21,12 +21,19 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (the usage is one `-h` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from belm.solvers.registry import sampler_names
 
-    parser = argparse.ArgumentParser(prog="belm", description="Exact inversion of diffusion models.")
+    parser = _Parser(prog="belm", description="Exact inversion of diffusion models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser, steps: int = 50, num: int = 16, guidance: float = 1.0) -> None:
         p.add_argument("--model", default="digits", help="'digits' (bundled) or a local diffusers folder")
@@ -94,6 +101,14 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--image must be given exactly twice for interpolate; got {len(args.image)}")
     if args.command != "demo" and args.model != "digits" and not os.path.isdir(args.model):
         raise CLIError(f"--model {args.model}: no such folder; pass 'digits' or a local diffusers folder")
+    if getattr(args, "model", None) == "digits":
+        # Known without loading the model, so a typo fails before any work.
+        from belm.models.data import NUM_CLASSES
+        for arg in ("source", "target"):
+            value = getattr(args, arg, None)
+            if value is not None and (not str(value).lstrip("-").isdigit() or not 0 <= int(value) < NUM_CLASSES):
+                raise CLIError(f"--{arg} must be a class id in [0, {NUM_CLASSES - 1}] for --model digits; "
+                               f"got {value!r}")
     from belm.apps.io import check_writable
     args.out = args.out or os.path.join("outputs", args.command)
     try:

@@ -101,8 +101,11 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype 
 def generate(model: ModelHandle, seeds: Sequence[int], *, sampler: str = "obelm", steps: int = 50,
              condition: Any = None, guidance: float = 1.0, batch_size: int = 64,
              progress: bool = True) -> torch.Tensor:
-    """Images for the given seeds, in batches of ``batch_size`` (results do not depend on it
-    for per-sample deterministic networks)."""
+    """Images for the given seeds, in batches of ``batch_size``.
+
+    Each sample's noise depends only on its seed; the network's float bits can still depend
+    on the batch composition (kernel blocking), so equal batches give equal bits.
+    """
     per_sample = isinstance(condition, (list, tuple, torch.Tensor))
     if per_sample and len(condition) != len(seeds):
         raise ValueError(f"one condition per seed expected: {len(condition)} conditions for {len(seeds)} seeds")
