@@ -42,8 +42,16 @@ def load_image(path: str | os.PathLike) -> Any:
         raise ValueError(f"image path {p!r} is a directory; pass an image file")
     try:
         with Image.open(p) as im:
+            # The header is read lazily: refuse a huge image before its pixels are allocated.
+            # PIL's own decompression-bomb guard (MAX_IMAGE_PIXELS) stays on as well.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise ValueError(f"image {p!r} is {im.width}x{im.height} = {im.width * im.height} pixels, more "
+                                 f"than the {limit} allowed (PIL.Image.MAX_IMAGE_PIXELS); downscale it first")
             im.load()
             return to_rgb(im)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image {p!r} refused as a possible decompression bomb: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot read image {p!r}: {exc}") from exc
 

@@ -20,9 +20,16 @@ def check_writable(out: str | os.PathLike) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {path} exists and is not a folder; choose a folder path")
-    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"--out {path}: {parent} is not writable; choose a folder you can write to")
+    existing = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise PermissionError(f"--out {path} is not writable: {existing} is a file; choose another folder")
+    try:
+        # Actually try: os.access says yes to root even on read-only file systems.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"--out {path} is not writable ({exc.strerror}); choose a folder you can write to") \
+            from None
     return path
 
 
