@@ -1,0 +1,95 @@
+"""Bundled, offline models: the class-conditional pixel diffusion model "digits" and a digit classifier.
+
+Everything here loads from package data (safetensors + JSON) under ``DIGITS_PATH``; nothing is
+downloaded. Regenerate the files with ``scripts/train_digits.py`` and ``scripts/train_classifier.py``.
+
+* :func:`load_digits_unet` -> ``(UNet2DModel, DDPMScheduler)``: epsilon prediction, 16x16x1 images in
+  [-1, 1], DDPM linear betas 1e-4..0.02, T=1000; ``class_labels`` 0..9, or ``NULL_CLASS`` (10) for the
+  unconditional branch of classifier-free guidance.
+* :func:`load_digits_classifier` -> :class:`DigitClassifier` (``forward`` logits, ``features`` 64-d).
+* :func:`digits_dataset` -> preprocessed sklearn digits, ``"train"`` or ``"heldout"`` split.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .classifier import DigitClassifier
+from .data import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, digits_tensors, preprocess_digits
+
+DIGITS_PATH = Path(__file__).resolve().parent / "digits"
+
+__all__ = [
+    "DIGITS_PATH",
+    "NULL_CLASS",
+    "NUM_CLASSES",
+    "IMAGE_SIZE",
+    "DigitClassifier",
+    "load_digits_unet",
+    "load_digits_classifier",
+    "digits_dataset",
+    "digits_split",
+    "preprocess_digits",
+]
+
+_REGEN = {
+    "unet": "python scripts/train_digits.py --steps 2800 --batch-size 64 --lr 1.5e-3 --seed 0 --threads 1",
+    "classifier": "python scripts/train_classifier.py --epochs 30 --seed 0 --threads 1",
+}
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"bundled digits model file missing: {path}. Regenerate it from the repository root with:  {_REGEN[what]}"
+        )
+    return path
+
+
+def load_digits_unet(dtype: torch.dtype = torch.float32, device="cpu"):
+    """Return ``(unet, scheduler)``: the bundled UNet2DModel (eval mode, EMA weights) and its DDPMScheduler."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    _require(DIGITS_PATH / "unet" / "config.json", "unet")
+    _require(DIGITS_PATH / "unet" / "diffusion_pytorch_model.safetensors", "unet")
+    _require(DIGITS_PATH / "scheduler" / "scheduler_config.json", "unet")
+    unet = UNet2DModel.from_pretrained(
+        str(DIGITS_PATH / "unet"), use_safetensors=True, local_files_only=True, torch_dtype=dtype,
+        low_cpu_mem_usage=False,
+    )
+    if unet.dtype != dtype:  # a no-op .to(dtype) makes diffusers warn on every load
+        unet = unet.to(dtype=dtype)
+    unet = unet.to(device=device).eval().requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(str(DIGITS_PATH / "scheduler"), local_files_only=True)
+    return unet, scheduler
+
+
+def load_digits_classifier(device="cpu") -> DigitClassifier:
+    """Return the bundled :class:`DigitClassifier` in eval mode (input (B,1,16,16) in [-1, 1])."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads(_require(DIGITS_PATH / "classifier_config.json", "classifier").read_text())
+    model = DigitClassifier(
+        channels=tuple(cfg["channels"]), feature_dim=cfg["feature_dim"], num_classes=cfg["num_classes"],
+        dropout=cfg.get("dropout", 0.2),
+    )
+    state = load_file(str(_require(DIGITS_PATH / "classifier.safetensors", "classifier")))
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def digits_split() -> dict:
+    """The seeded train / held-out index split of sklearn's 1797 digits used for training (split.json)."""
+    return json.loads(_require(DIGITS_PATH / "split.json", "unet").read_text())
+
+
+def digits_dataset(split: str = "heldout"):
+    """Preprocessed digits of one split: ``(images (M,1,16,16) float32 in [-1,1], labels (M,) int64)``.
+
+    ``split``: ``"heldout"`` (never seen by either model in training) or ``"train"``.
+    """
+    if split not in ("heldout", "train"):
+        raise ValueError(f"split must be 'heldout' or 'train', got {split!r}")
+    return digits_tensors(digits_split()[split])
