@@ -46,11 +46,15 @@ def frechet_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor,
         a, b = (_extract(extractor, x, batch_size) for x in (a, b))
     mu_a, cov_a = feature_statistics(a)
     mu_b, cov_b = feature_statistics(b)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():
-        # Near-singular products: regularise as the FID reference code does.
-        eps = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():
+            # Near-singular products (fewer samples than features): regularise as the FID
+            # reference code does.
+            eps = np.eye(cov_a.shape[0]) * 1e-6
+            covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 
