@@ -134,6 +134,23 @@ class Sampler:
         if not 0 <= latent.level < self.schedule.num_steps + 1:
             raise ValueError(f"latent.level={latent.level} is outside [0, {self.schedule.num_steps}]")
 
+    def _begin(self, x: "torch.Tensor | Latent", from_level: int, states_at: Callable[[int], int]
+               ) -> tuple[list[torch.Tensor], int, torch.dtype, torch.device]:
+        """Validate a sampling input: (states in state dtype, level, output dtype, device).
+
+        ``states_at(level)`` is how many states a latent at ``level`` must hold; a tensor
+        input gives a single state at ``from_level``.
+        """
+        if isinstance(x, Latent):
+            self._check_latent(x)
+            expected = states_at(x.level)
+            if len(x.states) != expected:
+                raise ValueError(f"latent holds {len(x.states)} states; {self.name} at level {x.level} needs "
+                                 f"{expected}")
+            return [s.to(self.state_dtype) for s in x.states], x.level, x.dtype, x.states[0].device
+        check_tensor(x, "x")
+        return [x.to(self.state_dtype)], self._level_arg(from_level, "from_level"), x.dtype, x.device
+
     def _level_arg(self, level: Any, name: str) -> int:
         N = self.schedule.num_steps
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < N:

@@ -72,17 +72,10 @@ class EDICT(Sampler):
     def sample(self, x: torch.Tensor | Latent, *, from_level: int = 0,
                callback: Optional[Callback] = None) -> torch.Tensor:
         N = self.schedule.num_steps
-        if isinstance(x, Latent):
-            self._check_latent(x)
-            if len(x.states) != 2:
-                raise ValueError(f"an EDICT latent holds the (x, y) pair; got {len(x.states)} states")
-            start, out_dtype, device = x.level, x.dtype, x.states[0].device
-            registers = [s.to(self.state_dtype) for s in x.states]
-        else:
-            check_tensor(x, "x")
-            start = self._level_arg(from_level, "from_level")
-            out_dtype, device = x.dtype, x.device
-            registers = [x.to(self.state_dtype)] * 2
+        # A latent holds the (x, y) pair; a noisy tensor starts both branches.
+        registers, start, out_dtype, device = self._begin(x, from_level, lambda level: 2)
+        if len(registers) == 1:
+            registers = registers * 2
         eps_of = self._network(self.model_dtype or out_dtype)
         for n in self._bar(range(start + 1, N + 1), "sample", N - start):
             for op in self._shears[n]:

@@ -76,19 +76,7 @@ class MultistepSampler(Sampler):
         if self._lattice is not None:
             return self._lattice.sample(x, from_level=from_level, callback=callback)
         N, k = self.schedule.num_steps, self.steps
-        if isinstance(x, Latent):
-            self._check_latent(x)
-            expected = min(k, N - x.level + 1)
-            if len(x.states) != expected:
-                raise ValueError(f"latent holds {len(x.states)} states; {self.name} at level {x.level} needs "
-                                 f"{expected}")
-            chain_start, out_dtype, device = x.level, x.dtype, x.states[0].device
-            window = [s.to(self.state_dtype) for s in x.states]
-        else:
-            check_tensor(x, "x")
-            chain_start = self._level_arg(from_level, "from_level")
-            out_dtype, device = x.dtype, x.device
-            window = [x.to(self.state_dtype)]
+        window, chain_start, out_dtype, device = self._begin(x, from_level, lambda level: min(k, N - level + 1))
         eps_of = self._network(self.model_dtype or out_dtype)
         first = chain_start + len(window)
         eps_cache: dict[int, torch.Tensor] = {}

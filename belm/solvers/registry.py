@@ -29,6 +29,7 @@ def _derived(rule_name: str) -> Callable[..., Sampler]:
 
 # Derived rules beyond O-BELM (which is "obelm") are offered under their names.
 SAMPLERS["leapfrog3"] = _derived("leapfrog3")
+SAMPLERS["leapfrog3-scaled"] = _derived("leapfrog3-scaled")
 
 
 def sampler_names() -> list[str]:
