@@ -11,6 +11,7 @@ subpackage needs only sympy and numpy (no torch, no diffusers).
 
 from .derive import BELMRule, RationalLike, derive_belm, h_symbols, order_condition, unknown_symbols
 from .named import NAMED_RULES, named_rule
+from .search import ScaledBELMRule, scaled_rule
 from .stability import (
     StabilityReport,
     analyse_constant_step,
@@ -24,6 +25,7 @@ __all__ = [
     "BELMRule",
     "NAMED_RULES",
     "RationalLike",
+    "ScaledBELMRule",
     "StabilityReport",
     "analyse_constant_step",
     "bidirectional_candidates",
@@ -32,6 +34,7 @@ __all__ = [
     "h_symbols",
     "named_rule",
     "order_condition",
+    "scaled_rule",
     "stability_report",
     "unknown_symbols",
     "zero_stability_scan",
