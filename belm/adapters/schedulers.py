@@ -9,10 +9,10 @@ Drop-in for stock diffusers pipelines::
 These classes hold no formula of their own: ``set_timesteps(N)`` builds the belm
 :class:`~belm.schedule.Schedule` ``Schedule.from_diffusers(self, N)``, instantiates the belm
 sampler of ``config.method`` on it (:class:`~belm.solvers.OBELM`, :class:`~belm.solvers.BDIA`
-or :class:`~belm.solvers.DDIM`), and applies its member relations' ``in_x()`` coefficient
-tables with :func:`~belm.solvers.relation.shear` (sampling) and
-:func:`~belm.solvers.relation.unshear` (inversion), exactly as the belm engine
-(:class:`~belm.solvers.MultistepSampler`) does. The model output is converted to ε with
+or :class:`~belm.solvers.DDIM`), and advances with that sampler's own
+:meth:`~belm.solvers.MultistepSampler.produce` (sampling) and
+:meth:`~belm.solvers.MultistepSampler.recover` (inversion), the very functions its
+``sample`` and ``invert`` loops call. The model output is converted to ε with
 :func:`~belm.adapters.eps.to_epsilon`.
 
 Which schedule: after ``set_timesteps(N)``, ``scheduler.schedule`` equals
@@ -56,7 +56,6 @@ from belm.errors import LatentMismatchError
 from belm.schedule import SPACINGS, Schedule
 from belm.solvers import BDIA, DDIM, OBELM, Latent
 from belm.solvers.multistep import MultistepSampler
-from belm.solvers.relation import shear, unshear
 
 __all__ = ["BELMScheduler", "BELMInverseScheduler", "BELMSchedulerOutput", "METHODS"]
 
@@ -146,7 +145,6 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
         self.schedule: Optional[Schedule] = None
         self.sampler: Optional[MultistepSampler] = None
-        self._coef: list = []
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
         self._pending: Optional[Latent] = None
@@ -168,8 +166,6 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
             schedule = Schedule.from_diffusers(self, num_inference_steps)
         kwargs = {"gamma": float(self.config.gamma)} if self.config.method == "bdia" else {}
         self.sampler = METHODS[self.config.method](_unused_eps, schedule, progress=False, **kwargs)
-        # The method's member relations (member 1 is DDIM), converted to x coordinates once.
-        self._coef = [member.in_x() for member in self.sampler.members]
         self.schedule = schedule
         self.num_inference_steps = schedule.num_steps
         return schedule
@@ -399,17 +395,9 @@ class BELMScheduler(_BELMSchedulerBase):
             self._window = self._window[:2]
         else:
             self._eps[level] = eps
-            m = min(k, n - self._chain_start)
-            A, C = self._coef[m - 1]
-            A_n, C_n = A[n], C[n]
             window = self._window               # window[-j] is x_{n−j}
-            terms = [(A_n[j - 1], window[-j]) for j in range(1, m)]
-            for j in range(1, m + 1):
-                if C_n[j - 1] != 0.0:
-                    if (n - j) not in self._eps:
-                        raise RuntimeError(f"internal: ε at level {n - j} is missing")  # pragma: no cover
-                    terms.append((C_n[j - 1], self._eps[n - j]))
-            x_n = shear(A_n[m - 1], window[-m], terms)
+            x_n = self.sampler.produce(n, min(k, n - self._chain_start), lambda lv: window[lv - n],
+                                       self._eps.__getitem__)
             self._window.append(x_n)
         del self._window[:-k]
         for old in [lv for lv in self._eps if lv < n - k + 1]:
@@ -492,19 +480,7 @@ class BELMInverseScheduler(_BELMSchedulerBase):
         states = self._states
         eps = self._epsilon(model_output, states[current], t)
         self._eps[current] = eps
-        m = min(k, N - L)
-        n = L + m
-        A, C = self._coef[m - 1]
-        A_n, C_n = A[n], C[n]
-        terms = [(A_n[j - 1], states[n - j]) for j in range(1, m)]
-        for j in range(1, m):
-            if C_n[j - 1] != 0.0:
-                terms.append((C_n[j - 1], self._eps[n - j]))
-        if C_n[m - 1] != 0.0:
-            # Not bidirectional (DDIM's member): ε at the unknown x_L is replaced by ε at the
-            # known, cleaner x_{L+1}, as in belm's engine. Only m = 1 (n = L + 1) gets here.
-            terms.append((C_n[m - 1], self._eps[n]))
-        states[L] = unshear(A_n[m - 1], states[n], terms)
+        states[L] = self.sampler.recover(L, min(k, N - L), states.__getitem__, self._eps.__getitem__)
         x0 = self._x0(states[current], eps, current, sample.dtype)
         for level in [lv for lv in states if lv >= L + k]:
             del states[level]

@@ -16,7 +16,7 @@ Network calls: sample N, invert N, sample(latent) N − 1 (ε at levels 1 … N�
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -70,6 +70,31 @@ class MultistepSampler(Sampler):
         """Whether invert/sample round trips are exact (up to rounding)."""
         return self.members[-1].bidirectional and self.steps > 1
 
+    # -- the relation, solved either way ------------------------------------------------
+    def produce(self, n: int, m: int, state: Callable[[int], torch.Tensor],
+                eps: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """x_n from member m, given ``state(level)`` for levels n−m … n−1 and ``eps(level)``."""
+        A, C = self._coef[m - 1]
+        A_n, C_n = A[n], C[n]
+        terms = [(A_n[j - 1], state(n - j)) for j in range(1, m)]
+        terms += [(C_n[j - 1], eps(n - j)) for j in range(1, m + 1) if C_n[j - 1] != 0.0]
+        return shear(A_n[m - 1], state(n - m), terms)
+
+    def recover(self, L: int, m: int, state: Callable[[int], torch.Tensor],
+                eps: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """x_L from member m producing level n = L + m: the same relation solved for its
+        noisiest state, given ``state(level)`` for levels L+1 … n."""
+        n = L + m
+        A, C = self._coef[m - 1]
+        A_n, C_n = A[n], C[n]
+        terms = [(A_n[j - 1], state(n - j)) for j in range(1, m)]
+        terms += [(C_n[j - 1], eps(n - j)) for j in range(1, m) if C_n[j - 1] != 0.0]
+        if C_n[m - 1] != 0.0:
+            # Not bidirectional (DDIM): ε is needed at the unknown x_L; use it at the
+            # known end x_n instead. This is the approximation that makes DDIM inexact.
+            terms.append((C_n[m - 1], eps(n)))
+        return unshear(A_n[m - 1], state(n), terms)
+
     # -- sampling ----------------------------------------------------------------------
     def sample(self, x: torch.Tensor | Latent, *, from_level: int = 0,
                callback: Optional[Callback] = None) -> torch.Tensor:
@@ -77,29 +102,18 @@ class MultistepSampler(Sampler):
             return self._lattice.sample(x, from_level=from_level, callback=callback)
         N, k = self.schedule.num_steps, self.steps
         window, chain_start, out_dtype, device = self._begin(x, from_level, lambda level: min(k, N - level + 1))
-        eps_of = self._network(self.model_dtype or out_dtype)
+        states = dict(enumerate(window, start=chain_start))
+        eps = _Cache(self._network(self.model_dtype or out_dtype), states)
         first = chain_start + len(window)
-        eps_cache: dict[int, torch.Tensor] = {}
         for n in self._bar(range(first, N + 1), "sample", N + 1 - first):
-            m = min(k, n - chain_start)
-            A, C = self._coef[m - 1]
-            A_n, C_n = A[n], C[n]
-            # window[-j] is x_{n−j}
-            for j in range(1, m + 1):
-                if C_n[j - 1] != 0.0 and (n - j) not in eps_cache:
-                    eps_cache[n - j] = eps_of(window[-j], n - j)
-            terms = [(A_n[j - 1], window[-j]) for j in range(1, m)]
-            terms += [(C_n[j - 1], eps_cache[n - j]) for j in range(1, m + 1) if C_n[j - 1] != 0.0]
-            x_n = shear(A_n[m - 1], window[-m], terms)
-            window.append(x_n)
-            del window[:-k]
+            states[n] = self.produce(n, min(k, n - chain_start), states.__getitem__, eps)
             if callback is not None:
-                callback({"level": n, "timestep": self.schedule.timestep(n), "x": x_n,
-                          "eps": eps_cache.get(n - 1), "direction": "sample"})
-            # Later steps need ε only at levels ≥ n − k + 2.
-            for level in [lv for lv in eps_cache if lv < n - k + 2]:
-                del eps_cache[level]
-        return window[-1].to(device=device, dtype=out_dtype)
+                callback({"level": n, "timestep": self.schedule.timestep(n), "x": states[n],
+                          "eps": eps.get(n - 1), "direction": "sample"})
+            # Later steps need states ≥ n − k + 2 … n and ε only at levels ≥ n − k + 2.
+            _forget(states, below=n - k + 1)
+            _forget(eps, below=n - k + 2)
+        return states[N].to(device=device, dtype=out_dtype)
 
     # -- inversion ---------------------------------------------------------------------
     def invert(self, x0: torch.Tensor, *, to_level: int = 0, callback: Optional[Callback] = None) -> Latent:
@@ -108,33 +122,35 @@ class MultistepSampler(Sampler):
         check_tensor(x0, "x0")
         N, k = self.schedule.num_steps, self.steps
         to_level = self._level_arg(to_level, "to_level")
-        eps_of = self._network(self.model_dtype or x0.dtype)
         states: dict[int, torch.Tensor] = {N: x0.to(self.state_dtype)}
-        eps_cache: dict[int, torch.Tensor] = {}
+        eps = _Cache(self._network(self.model_dtype or x0.dtype), states)
         for L in self._bar(range(N - 1, to_level - 1, -1), "invert", N - to_level):
-            m = min(k, N - L)
-            n = L + m
-            A, C = self._coef[m - 1]
-            A_n, C_n = A[n], C[n]
-            for j in range(1, m):
-                if C_n[j - 1] != 0.0 and (n - j) not in eps_cache:
-                    eps_cache[n - j] = eps_of(states[n - j], n - j)
-            terms = [(A_n[j - 1], states[n - j]) for j in range(1, m)]
-            terms += [(C_n[j - 1], eps_cache[n - j]) for j in range(1, m) if C_n[j - 1] != 0.0]
-            if C_n[m - 1] != 0.0:
-                # Not bidirectional (DDIM): ε is needed at the unknown x_L; use it at the
-                # known end x_n instead. This is the approximation that makes DDIM inexact.
-                if n not in eps_cache:
-                    eps_cache[n] = eps_of(states[n], n)
-                terms.append((C_n[m - 1], eps_cache[n]))
-            states[L] = unshear(A_n[m - 1], states[n], terms)
-            # Keep only what later steps (and the latent) need: levels L … L+k−1.
-            for level in [lv for lv in states if lv >= L + k]:
-                del states[level]
+            # The k − 1 states next to the clean level come from the start-up members.
+            states[L] = self.recover(L, min(k, N - L), states.__getitem__, eps)
             if callback is not None:
                 callback({"level": L, "timestep": self.schedule.timestep(L), "x": states[L],
-                          "eps": eps_cache.get(L + 1, eps_cache.get(n)), "direction": "invert"})
-            for level in [lv for lv in eps_cache if lv >= L + k - 1]:
-                del eps_cache[level]
+                          "eps": eps.get(L + 1), "direction": "invert"})
+            # Keep only what later steps (and the latent) need: levels L … L+k−1.
+            _forget(states, above=L + k - 1)
+            _forget(eps, above=L + k - 2)
         kept = [states[level] for level in range(to_level, min(to_level + k, N + 1))]
         return self._make_latent(kept, to_level, x0.dtype)
+
+
+class _Cache(dict):
+    """ε by level, evaluated on first use at the state of that level."""
+
+    def __init__(self, network: Callable[[torch.Tensor, int], torch.Tensor], states: dict) -> None:
+        super().__init__()
+        self._network, self._states = network, states
+
+    def __call__(self, level: int) -> torch.Tensor:
+        value = self.get(level)
+        if value is None:
+            value = self[level] = self._network(self._states[level], level)
+        return value
+
+
+def _forget(table: dict, *, below: Optional[int] = None, above: Optional[int] = None) -> None:
+    for level in [lv for lv in table if (below is not None and lv < below) or (above is not None and lv > above)]:
+        del table[level]
