@@ -171,7 +171,7 @@ class LatticeEngine:
 
     def _v_increment(self, beta: float, eps: torch.Tensor, lat: Lattice, k: int) -> torch.Tensor:
         """round(β · ε / v_scale): a function of the X register only (through ε)."""
-        return self._to_lattice(eps * beta, lat.v_scale, "velocity", k)
+        return self._to_lattice(eps.to(torch.float64) * beta, lat.v_scale, "velocity", k)
 
     def _x_float(self, X: torch.Tensor, k: int, lat: Lattice) -> torch.Tensor:
         """x_k = alpha_k · x̄_k in float64: the network's input, identical in both directions."""
