@@ -90,6 +90,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--steps must be >= 1; got {args.steps}")
     if getattr(args, "num", 1) < 1:
         raise CLIError(f"--num must be >= 1; got {args.num}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
     if getattr(args, "guidance", 0.0) < 0:
         raise CLIError(f"--guidance must be >= 0; got {args.guidance}")
     if args.command == "edit" and args.freeze is not None and not 0 <= args.freeze < args.steps:
@@ -244,7 +246,7 @@ def cmd_sample(args: argparse.Namespace) -> dict:
     model = _load(args)
     seeds = list(range(args.seed, args.seed + args.num))
     conditions = _sample_conditions(model, args, seeds)
-    mine = shard(seeds)
+    mine = shard(seeds, block=args.batch_size)  # whole batches per rank: same bits as one process
     cond_mine = [conditions[seeds.index(s)] for s in mine] if isinstance(conditions, list) else conditions
     t0 = time.perf_counter()
     images = tasks.generate(model, mine, sampler=args.sampler, steps=args.steps, condition=cond_mine,

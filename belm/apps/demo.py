@@ -64,7 +64,7 @@ def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True) -> dic
     rec_images, rec_labels = heldout[pick[:n_rec]], labels[pick[:n_rec]]
     rec_steps = [10] if quick else [10, 50, 100]
     fd_steps = [10] if quick else [10, 20, 50]
-    n_fd = 60 if quick else 200
+    n_fd = 60 if quick else 150
     fd_guidance = 1.0     # class-conditional without guidance: keeps the demo within its 5-minute budget
     figures: dict[str, Any] = {}
     with OutputDir(out_dir) as out:

@@ -1,0 +1,1 @@
+"""Benchmarks of belm: ``python -m benchmarks.run [--quick] [--device cpu|cuda]`` writes RESULTS.md."""
