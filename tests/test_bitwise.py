@@ -121,3 +121,18 @@ def test_bitwise_errors():
     # A network whose output explodes is refused, never wrapped around.
     with pytest.raises(LatticeOverflowError, match="does not fit the int64 lattice"):
         OBELM(lambda x, t: x * 1e30, sched, progress=False, exact="bitwise").invert(x0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [10, 50, 200, 1000])
+def test_bitwise_round_trip_with_the_bundled_digits_model(dtype, N):
+    from belm.adapters import DiffusersEps
+    from belm.models import digits_dataset, load_digits_unet
+    unet, scheduler = load_digits_unet(dtype=dtype)
+    eps = DiffusersEps(unet, scheduler, class_labels=torch.tensor([3, 8]), guidance_scale=3.0,
+                       null_class_labels=10)
+    images, _ = digits_dataset("heldout")
+    x0 = images[:2].to(dtype)
+    sched = Schedule(scheduler.alphas_cumprod, grid_timesteps(1000, N, "trailing"))
+    s = OBELM(eps, sched, progress=False, exact="bitwise")
+    assert torch.equal(s.sample(s.invert(x0)), x0)
