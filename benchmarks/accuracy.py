@@ -8,20 +8,11 @@ import numpy as np
 import torch
 
 from belm.analytic import GaussianMixture
-from belm.schedule import Schedule, make_betas
+from belm.schedule import Schedule
 from belm.solvers.registry import make_sampler
 
-from .common import md_table, pyplot
+from .common import METHODS, SD_SCHEDULE_BETAS as BETAS, md_table, pyplot
 
-BETAS = make_betas("scaled_linear", 1000, 0.00085, 0.012)       # Stable Diffusion's schedule
-METHODS = [
-    ("DDIM", "ddim", {}),
-    ("BDIA γ=1", "bdia", {"gamma": 1.0}),
-    ("BDIA γ=0.5", "bdia", {"gamma": 0.5}),
-    ("EDICT p=0.93", "edict", {}),
-    ("O-BELM", "obelm", {}),
-    ("leapfrog3", "leapfrog3", {}),
-]
 
 
 def slope(ns, errs) -> float:

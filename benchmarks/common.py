@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from belm.schedule import make_betas
+
 
 def cpu_model() -> str:
     try:
@@ -127,3 +129,16 @@ def pyplot():
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# The Stable Diffusion training schedule, and the samplers every accuracy/exactness table
+# covers (label, registry name, kwargs).
+SD_SCHEDULE_BETAS = make_betas("scaled_linear", 1000, 0.00085, 0.012)
+METHODS = [
+    ("DDIM", "ddim", {}),
+    ("BDIA γ=1", "bdia", {"gamma": 1.0}),
+    ("BDIA γ=0.5", "bdia", {"gamma": 0.5}),
+    ("EDICT p=0.93", "edict", {}),
+    ("O-BELM", "obelm", {}),
+    ("leapfrog3", "leapfrog3", {}),
+]

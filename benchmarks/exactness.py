@@ -8,21 +8,12 @@ import os
 import torch
 
 from belm.errors import LatticeOverflowError, NonFiniteError
-from belm.schedule import Schedule, make_betas
+from belm.schedule import Schedule
 from belm.solvers.registry import make_sampler
 
-from .common import fmt, md_table, pyplot
+from .common import METHODS, SD_SCHEDULE_BETAS as BETAS, fmt, md_table, pyplot
 
-BETAS = make_betas("scaled_linear", 1000, 0.00085, 0.012)
 NS = [10, 50, 200, 1000]
-METHODS = [
-    ("DDIM", "ddim", {}),
-    ("BDIA γ=1", "bdia", {"gamma": 1.0}),
-    ("BDIA γ=0.5", "bdia", {"gamma": 0.5}),
-    ("EDICT p=0.93", "edict", {}),
-    ("O-BELM", "obelm", {}),
-    ("leapfrog3", "leapfrog3", {}),
-]
 BITWISE = {"bdia", "obelm"}                                 # exact="bitwise": 2-step methods
 # "exact" = round-trip max error at most this (float32: ~100 ulp at 1; float64: the README's 1e-9)
 THRESHOLD = {"float32": 1e-5, "float64": 1e-9, "bitwise": 0.0}
