@@ -356,7 +356,7 @@ class BELMScheduler(_BELMSchedulerBase):
         self._require_timesteps()
         self._check_sample(sample)
         self._check_eta(eta, variance_noise)
-        N, k = self.num_inference_steps, self.steps
+        k = self.steps
         if self._step_index is None:
             self._step_index = self._begin_index or 0
             self._chain_start = self._step_index
