@@ -207,13 +207,6 @@ class Schedule:
         """Train timestep at which the network is evaluated at ``level`` (clean level: ``clean_timestep``)."""
         return self.clean_timestep if level == self.num_steps else int(self.timesteps[level])
 
-    def tail(self, start_level: int) -> "Schedule":
-        """The sub-grid of levels ``start_level`` … N (same clean level)."""
-        if not 0 <= start_level < self.num_steps:
-            raise ValueError(f"start_level must lie in [0, {self.num_steps - 1}]; got {start_level}")
-        return Schedule(self.alphas_cumprod, self.timesteps[start_level:],
-                        final_alpha_cumprod=self.final_alpha_cumprod, clean_timestep=self.clean_timestep)
-
     def _fingerprint(self) -> str:
         digest = hashlib.sha1()
         digest.update(self.alpha_bar.numpy().tobytes())
