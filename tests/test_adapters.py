@@ -220,12 +220,18 @@ def test_non_finite_output_names_timestep() -> None:
     x = _x()
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="input x.*t=7"):
-        DiffusersEps(unet, sched)(x, 7)
+        DiffusersEps(unet, sched, check_finite=True)(x, 7)
     with torch.no_grad():
         unet.conv_out.bias.fill_(float("inf"))
     with pytest.raises(NonFiniteError, match="model returned NaN/Inf.*t=7") as info:
-        DiffusersEps(unet, sched)(_x(), 7)
+        DiffusersEps(unet, sched, check_finite=True)(_x(), 7)
     assert info.value.timestep == 7
+    # Inside a sampler the sampler's own check reports it, with the level as well.
+    from belm import OBELM, Schedule
+    schedule = Schedule.from_diffusers(sched, 10)
+    with pytest.raises(NonFiniteError, match=r"level 0 \(train timestep 901\)") as info:
+        OBELM(DiffusersEps(unet, sched), schedule, progress=False).sample(_x())
+    assert info.value.level == 0 and info.value.timestep == int(schedule.timesteps[0])
 
 
 # ---------------------------------------------------------------------------------------
