@@ -136,3 +136,14 @@ def test_bitwise_round_trip_with_the_bundled_digits_model(dtype, N):
     sched = Schedule(scheduler.alphas_cumprod, grid_timesteps(1000, N, "trailing"))
     s = OBELM(eps, sched, progress=False, exact="bitwise")
     assert torch.equal(s.sample(s.invert(x0)), x0)
+
+
+def test_sampling_a_bitwise_latent_leaves_it_intact():
+    sched = Schedule.from_betas(SD_BETAS, 12)
+    s = OBELM(eps_in_input_dtype, sched, progress=False, exact="bitwise")
+    x0 = torch.rand(2, 5, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    lat = s.invert(x0, to_level=3)
+    before = [t.clone() for t in lat.states]
+    first, second = s.sample(lat), s.sample(lat)
+    assert torch.equal(first, x0) and torch.equal(second, x0)
+    assert all(torch.equal(a, b) for a, b in zip(before, lat.states))

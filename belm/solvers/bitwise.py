@@ -189,10 +189,8 @@ class LatticeEngine:
                 raise TypeError("exact='bitwise' samples only latents from exact='bitwise' inversion; "
                                 "invert with the same exact= setting")
             lat, start, out_dtype, residual = x.lattice, x.level, x.dtype, x.residual
-            X, Vi = (t.clone() for t in x.states)
+            X, Vi = x.states                 # never modified in place: the latent stays intact
             eps_of = s._network(s.model_dtype or out_dtype)
-            k0 = start + 1
-            X = X + self._x_increment(start, Vi, lat)
         else:
             check_tensor(x, "x")
             start = s._level_arg(from_level, "from_level")
@@ -201,9 +199,10 @@ class LatticeEngine:
             lat = self.lattice_for(float(x_bar.abs().max()))
             X = torch.round(x_bar / lat.x_scale).to(torch.int64)
             eps_of = s._network(s.model_dtype or out_dtype)
+            # The chain's first step is DDIM: the same shear with V_{start−1} = 0.
             Vi = self._v_increment(self.beta_ddim[start], eps_of(self._x_float(X, start, lat), start), lat, start)
-            X = X + self._x_increment(start, Vi, lat)
-            k0 = start + 1
+        X = X + self._x_increment(start, Vi, lat)
+        k0 = start + 1
         device = X.device
         for k in s._bar(range(k0, N), "sample (bitwise)", N - k0):
             eps = eps_of(self._x_float(X, k, lat), k)
