@@ -161,7 +161,13 @@ class Schedule:
         self.alpha = self.alpha_bar.sqrt()
         self.sigma = (1.0 - self.alpha_bar).sqrt()
         self.sigma_bar = self.sigma / self.alpha
-        self.H = self.sigma_bar[:-1] - self.sigma_bar[1:]
+        self.kind = "discrete"
+        self.output = "eps"
+        # The samplers' ODE is dy/dτ = f(y, τ) with y = x / scale: for VP diffusion scale = alpha,
+        # τ = σ̄ and f = ε. Continuous and flow schedules define their own scale and τ.
+        self.scale = self.alpha
+        self.tau = self.sigma_bar
+        self.H = self.tau[:-1] - self.tau[1:]
         self.fingerprint = self._fingerprint()
 
     # -- constructors -------------------------------------------------------------------
@@ -206,6 +212,10 @@ class Schedule:
     def timestep(self, level: int) -> int:
         """Train timestep at which the network is evaluated at ``level`` (clean level: ``clean_timestep``)."""
         return self.clean_timestep if level == self.num_steps else int(self.timesteps[level])
+
+    def model_time(self, level: int) -> torch.Tensor:
+        """The ``t`` handed to the network at ``level``: a 0-dim int64 tensor (train timestep)."""
+        return torch.tensor(self.timestep(level), dtype=torch.int64)
 
     def _fingerprint(self) -> str:
         digest = hashlib.sha1()
