@@ -8,9 +8,10 @@ at guidance 1, resampling with class 8 at guidance 3), success = classified as 8
 statistics: std / max abs of the noisiest state of the inverted latents. Grids: the model
 config's ("leading", last timestep 0) and belm's default (``default_spacing``: "trailing").
 
-Run alone: ``python -m benchmarks.editing [--quick]`` (rewrites its section of RESULTS.md
-between the markers, or writes benchmarks/_work/editing-quick.md with --quick), or as a
-section of ``benchmarks.run`` through :func:`run`.
+Run alone: ``python -m benchmarks.editing [--quick] [--tradeoff]`` (rewrites its two
+blocks of RESULTS.md between the ``<!-- editing:… -->`` and ``<!-- grids:… -->`` markers,
+or writes benchmarks/_work/editing-quick.md with --quick), or as sections of
+``benchmarks.run`` through :func:`run` and :func:`tradeoff`.
 
 Hook for other models: ``MODELS`` maps a label to a loader returning a model handle; the
 digits-flow model (being trained elsewhere) goes there once ``load_model`` knows it.
@@ -23,12 +24,13 @@ import os
 import time
 import warnings
 
+import numpy as np
 import torch
 
 from belm.apps import tasks
 from belm.apps.models import load_model
 from belm.models import digits_dataset
-from belm.schedule import default_spacing
+from belm.schedule import Schedule, default_spacing, make_betas
 from belm.solvers.growth import growth
 from belm.solvers.registry import make_sampler
 
@@ -39,7 +41,6 @@ GRIDS = [("config (leading)", "config"), ("belm default", None)]
 WEIGHTS = [0.25, 0.5, 0.75]
 # label -> loader; add ("digits-flow", lambda: load_model("digits-flow")) when that model exists.
 MODELS = {"digits": lambda: load_model("digits")}
-BEGIN, END = "<!-- editing:begin -->", "<!-- editing:end -->"
 
 
 def pairs(labels: torch.Tensor, count: int, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -114,6 +115,60 @@ def run(device: str = "cpu", quick: bool = False, plot_dir: str = "benchmarks/pl
     return header + "\n\n".join(texts), results
 
 
+TRADEOFF_METHODS = [("DDIM", "ddim"), ("O-BELM", "obelm"), ("BDIA γ=1", "bdia"), ("leapfrog3-scaled", "leapfrog3-scaled")]
+
+
+def neutral_grid(betas, N: int, data_std: float = 1.0, target: float = 1.0) -> np.ndarray:
+    """Uniform timesteps from T−1 down to the smallest t_last at which O-BELM's inversion
+    growth (x coordinates, Gaussian data of std ``data_std``) is at most ``target``."""
+    T = len(betas)
+    ac = np.cumprod(1 - np.asarray(betas))
+    for t_last in range(0, T - N):
+        ts = np.round(np.linspace(T - 1, t_last, N)).astype(np.int64)
+        if np.any(np.diff(ts) >= 0):
+            continue
+        sched = Schedule(ac, ts)
+        if growth(make_sampler("obelm", lambda x, t: x, sched, progress=False), data_std).inversion_x <= target:
+            return ts
+    raise ValueError("no neutral uniform grid for this schedule and N")
+
+
+def tradeoff(quick: bool = False) -> tuple[str, list]:
+    """Accuracy (analytic Gaussian mixture) against inversion growth, per grid and method."""
+    from belm.analytic import GaussianMixture
+    from belm.schedule import grid_timesteps
+    gm = GaussianMixture.default()
+    xT = torch.randn(16 if quick else 64, gm.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    schedules = {"SD scaled_linear": (make_betas("scaled_linear", 1000, 0.00085, 0.012), 1),
+                 "DDPM linear": (make_betas("linear", 1000, 1e-4, 0.02), 0)}
+    rows = []
+    for sched_label, (betas, offset) in schedules.items():
+        ac = np.cumprod(1 - betas)
+        for N in ([10] if quick else [10, 20]):
+            grids = {f"leading (offset {offset})": grid_timesteps(1000, N, "leading", offset),
+                     "linspace": grid_timesteps(1000, N, "linspace"),
+                     "trailing": grid_timesteps(1000, N, "trailing"),
+                     "neutral (uniform to t_last)": neutral_grid(betas, N)}
+            for grid_label, ts in grids.items():
+                sched = Schedule(ac, ts)
+                exact = gm.ode_solution(xT, float(sched.sigma_bar[0]))
+                eps = gm.eps_fn(sched.alphas_cumprod)
+                for label, name in TRADEOFF_METHODS:
+                    s = make_sampler(name, eps, sched, progress=False)
+                    err = float(((s.sample(xT) - exact) ** 2).mean().sqrt())
+                    g = growth(s, data_std=1.0)
+                    rows.append([sched_label, N, grid_label, int(ts[-1]), label, err,
+                                 g.inversion_x if g.modes else "–", g.inversion if g.modes else "–"])
+    text = ("Trade-off: accuracy against editability. RMS endpoint error of sampling on the analytic "
+            "`GaussianMixture.default()` (exact ODE endpoint from each grid's own σ̄_0, 64 points) and the "
+            "parasitic mode's inversion growth (`growth(s, data_std=1)`: x coordinates, and x̄). *neutral*: "
+            "uniform timesteps from 999 down to the smallest last timestep whose O-BELM inversion growth (x, s = 1) "
+            "is ≤ 1 (`benchmarks.editing.neutral_grid`).\n\n"
+            + md_table(["schedule", "N", "grid", "last t", "method", "RMS error", "inv. growth x (s=1)",
+                        "inv. growth x̄ (s=1)"], rows))
+    return text, rows
+
+
 def _picture(model_label: str, a: torch.Tensor, b: torch.Tensor, strips: dict, N: int, plot_dir: str) -> str:
     """Rows: grid × method; columns: pairs, each as source a, the 3 middle frames, source b."""
     plt = pyplot()
@@ -140,33 +195,47 @@ def _picture(model_label: str, a: torch.Tensor, b: torch.Tensor, strips: dict, N
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    here = os.path.dirname(os.path.abspath(__file__))
-    plot_dir = os.path.join(here, "_work" if args.quick else "plots")
-    t0 = time.perf_counter()
-    text, _ = run("cpu", args.quick, plot_dir)
-    section = (f"## Editing: interpolation, class edits and latent statistics per grid\n\n"
-               f"_`python -m benchmarks.editing`, {time.strftime('%Y-%m-%d %H:%M')}, 1 thread, "
-               f"wall time {time.perf_counter() - t0:.0f} s._\n\n{text}\n")
-    if args.quick:
-        with open(os.path.join(plot_dir, "editing-quick.md"), "w") as f:
-            f.write(section)
-        return
-    results_md = os.path.join(here, "RESULTS.md")
+def _write_block(results_md: str, name: str, section: str) -> None:
+    """Replace (or append) the block between ``<!-- name:begin -->`` and ``<!-- name:end -->``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     with open(results_md) as f:
         current = f.read()
-    block = f"{BEGIN}\n{section}{END}"
-    if BEGIN in current and END in current:
-        current = current[:current.index(BEGIN)] + block + current[current.index(END) + len(END):]
+    block = f"{begin}\n{section}{end}"
+    if begin in current and end in current:
+        current = current[:current.index(begin)] + block + current[current.index(end) + len(end):]
     else:
         current = current.rstrip("\n") + "\n\n" + block + "\n"
     with open(results_md + ".tmp", "w") as f:
         f.write(current)
     os.replace(results_md + ".tmp", results_md)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 pairs, N = 10; writes benchmarks/_work/")
+    parser.add_argument("--tradeoff", action="store_true", help="only the grid trade-off table (no network)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    here = os.path.dirname(os.path.abspath(__file__))
+    plot_dir = os.path.join(here, "_work" if args.quick else "plots")
+    stamp = f"_`python -m benchmarks.editing{' --tradeoff' if args.tradeoff else ''}`, {time.strftime('%Y-%m-%d %H:%M')}, 1 thread"
+    sections = {}
+    if not args.tradeoff:
+        t0 = time.perf_counter()
+        text, _ = run("cpu", args.quick, plot_dir)
+        sections["editing"] = (f"## Editing: interpolation, class edits and latent statistics per grid\n\n"
+                               f"{stamp}, wall time {time.perf_counter() - t0:.0f} s._\n\n{text}\n")
+    t0 = time.perf_counter()
+    text, _ = tradeoff(args.quick)
+    sections["grids"] = (f"## Grids: accuracy against inversion growth\n\n{stamp}, wall time "
+                         f"{time.perf_counter() - t0:.0f} s._\n\n{text}\n")
+    if args.quick:
+        os.makedirs(plot_dir, exist_ok=True)
+        with open(os.path.join(plot_dir, "editing-quick.md"), "w") as f:
+            f.write("\n".join(sections.values()))
+        return
+    for name, section in sections.items():
+        _write_block(os.path.join(here, "RESULTS.md"), name, section)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ is ≈ −a_2·alpha_{n−1}/alpha_{n−2}, whose product telescopes to
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from belm.errors import GrowthWarning
-from belm.schedule import Schedule
+from belm.schedule import Schedule, grid_timesteps
 from belm.solvers.relation import Relation
 
 __all__ = ["Growth", "growth", "parasitic_growth", "relation_of", "check_inversion_growth",
@@ -282,11 +283,24 @@ def check_inversion_growth(sampler: Any, threshold: float = DEFAULT_THRESHOLD, *
     g = parasitic_growth(sampler, data_std=data_std)
     if g.modes and g.inversion_x > threshold:
         sched = sampler.schedule
-        last = int(sched.timesteps[-1])
+        trailing = Schedule(sched.alphas_cumprod, grid_timesteps(sched.num_train_timesteps, sched.num_steps, "trailing"),
+                            final_alpha_cumprod=sched.final_alpha_cumprod, clean_timestep=sched.clean_timestep)
+        if trailing != sched:
+            alt = parasitic_growth(_on_schedule(sampler, trailing), data_std=data_std).inversion_x
+            fix = (f"Use spacing='trailing' (growth {alt:.3g} there; e.g. Schedule.from_diffusers(scheduler, N, "
+                   "spacing='trailing'), or model.schedule(N) which defaults to it)")
+        else:
+            fix = "This is already the trailing grid: use more steps, O-BELM or BDIA(gamma=1)"
         warnings.warn(
-            f"{g.method} on this grid (N = {g.num_steps}, last timestep {last}) multiplies the parasitic mode by "
-            f"{g.inversion_x:.3g} when inverting (threshold {threshold:g}): inverted latents will not be "
-            "noise-like and edits/interpolations degrade (reconstruction stays exact). Use spacing='trailing' "
-            "(e.g. Schedule.from_diffusers(scheduler, N, spacing='trailing') or model.schedule(N)).",
+            f"{g.method} on this grid (N = {g.num_steps}, last timestep {int(sched.timesteps[-1])}) multiplies the "
+            f"parasitic mode by {g.inversion_x:.3g} when inverting (threshold {threshold:g}): inverted latents will "
+            f"not be noise-like and edits/interpolations degrade (reconstruction stays exact). {fix}.",
             GrowthWarning, stacklevel=stacklevel)
     return g
+
+
+def _on_schedule(sampler: Any, schedule: Schedule) -> Any:
+    """A stand-in with the sampler's identity on another schedule (for growth only)."""
+    clone = copy.copy(sampler)
+    clone.schedule = schedule
+    return clone
