@@ -115,7 +115,8 @@ def run(device: str = "cpu", quick: bool = False, plot_dir: str = "benchmarks/pl
     return header + "\n\n".join(texts), results
 
 
-TRADEOFF_METHODS = [("DDIM", "ddim"), ("O-BELM", "obelm"), ("BDIA γ=1", "bdia"), ("leapfrog3-scaled", "leapfrog3-scaled")]
+TRADEOFF_METHODS = [("DDIM", "ddim"), ("O-BELM", "obelm"), ("BDIA γ=1", "bdia"), ("leapfrog3 (a_3 = 1)", "leapfrog3"),
+                    ("leapfrog3-scaled", "leapfrog3-scaled")]
 
 
 def neutral_grid(betas, N: int, data_std: float = 1.0, target: float = 1.0) -> np.ndarray:
