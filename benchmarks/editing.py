@@ -72,6 +72,7 @@ def run(device: str = "cpu", quick: bool = False, plot_dir: str = "benchmarks/pl
         ia, ib = pairs(labels, num_pairs)
         image_a, image_b = heldout[ia].to(device), heldout[ib].to(device)
         threes = heldout[labels == 3][:num_edits].to(device)
+        num_edits = len(threes)                     # the held-out split has 30 threes
         rows, strips = [], {}
         for grid_label, spacing in GRIDS:
             for N in ns:
