@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BELMError", "NonFiniteError", "LatentMismatchError", "UnstableRuleError", "LatticeOverflowError"]
+__all__ = ["BELMError", "NonFiniteError", "LatentMismatchError", "UnstableRuleError", "LatticeOverflowError", "GrowthWarning"]
 
 
 class BELMError(Exception):
@@ -28,3 +28,8 @@ class UnstableRuleError(BELMError, ValueError):
 
 class LatticeOverflowError(BELMError, ValueError):
     """A bitwise chain outgrew its int64 lattice (never wrapped around silently)."""
+
+
+class GrowthWarning(UserWarning):
+    """A grid on which inversion amplifies the parasitic mode (see belm.solvers.growth):
+    the latents are exact but not noise-like; the message names the growth and the fix."""

@@ -19,14 +19,46 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["Schedule", "SPACINGS", "make_betas"]
+__all__ = ["Schedule", "SPACINGS", "make_betas", "default_spacing", "EXACT_DEFAULT_SPACING"]
 
 SPACINGS = ("linspace", "leading", "trailing")
+#: belm's grid for every sampler when the caller does not choose one (model handles, apps).
+#: "trailing" starts at the noisiest train timestep and ends one full step above the clean
+#: level (t = T/N − 1), so the last σ̄-step is not tiny next to the previous ones: O-BELM's
+#: parasitic mode then stays bounded under inversion (belm.solvers.growth, benchmarks/editing.py),
+#: whereas "leading"/"linspace" grids ending at t = 0 or 1 amplify it by 10²…10⁴.
+EXACT_DEFAULT_SPACING = "trailing"
+
+
+def default_spacing(sampler_name: str) -> str:
+    """The grid belm uses for ``sampler_name`` (a registry name: ddim, obelm, bdia, edict,
+    leapfrog3, leapfrog3-scaled …) when the caller passes ``spacing=None`` to a model handle.
+
+    Every sampler gets ``"trailing"``: the exact methods need it (their inversion stays
+    near-neutral, see :data:`EXACT_DEFAULT_SPACING`), and DDIM gets the same grid so that
+    default comparisons between methods are on one grid. ``Schedule.from_diffusers`` with
+    ``spacing=None`` keeps the scheduler config's spacing instead (diffusers compatibility).
+    """
+    if not isinstance(sampler_name, str) or not sampler_name:
+        raise ValueError(f"sampler_name must be a sampler name such as 'obelm'; got {sampler_name!r}")
+    return EXACT_DEFAULT_SPACING
+
+
+def _config_grid(config: Any, spacing: Any) -> tuple[str, int]:
+    """(spacing, steps_offset) for from_diffusers: None or "config" reads the config."""
+    get = config.get if hasattr(config, "get") else (lambda key, default=None: getattr(config, key, default))
+    offset = int(get("steps_offset", 0) or 0)
+    if spacing is None or spacing == "config":
+        return get("timestep_spacing", "leading") or "leading", offset
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be None, 'config' or one of {SPACINGS}; got {spacing!r} "
+                         "(use 'trailing' for exact inversion: see belm.schedule.default_spacing)")
+    return spacing, offset
 
 
 def _as_float64_array(values: Any, name: str) -> np.ndarray:
@@ -184,23 +216,24 @@ class Schedule:
         return cls(ac, ts, final_alpha_cumprod=final_alpha_cumprod, clean_timestep=clean_timestep)
 
     @classmethod
-    def from_diffusers(cls, scheduler: Any, num_steps: int = 50, *, final_alpha_cumprod: float = 1.0,
-                       clean_timestep: int = 1) -> "Schedule":
+    def from_diffusers(cls, scheduler: Any, num_steps: int = 50, *, spacing: Optional[str] = None,
+                       final_alpha_cumprod: float = 1.0, clean_timestep: int = 1) -> "Schedule":
         """Schedule from a diffusers scheduler object (duck-typed).
 
-        Reads ``scheduler.alphas_cumprod`` and ``scheduler.config.timestep_spacing``
-        (default "leading") and ``steps_offset``. The clean level is alpha = 1 unless
-        ``final_alpha_cumprod`` says otherwise (pass ``float(scheduler.alphas_cumprod[0])``
-        to follow Stable Diffusion's ``set_alpha_to_one=False``).
+        Reads ``scheduler.alphas_cumprod`` and ``steps_offset``. ``spacing``: None or
+        ``"config"`` use the config's ``timestep_spacing`` (default "leading"), as diffusers
+        does; ``"linspace"``, ``"leading"`` or ``"trailing"`` override it. The model handles
+        pass :func:`default_spacing` (``"trailing"``) instead: leading grids make exact
+        inversion blow up the parasitic mode (see :mod:`belm.solvers.growth`).
+        The clean level is alpha = 1 unless ``final_alpha_cumprod`` says otherwise (pass
+        ``float(scheduler.alphas_cumprod[0])`` to follow Stable Diffusion's ``set_alpha_to_one=False``).
         """
         if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
             raise TypeError("scheduler must be a diffusers scheduler with `alphas_cumprod` and `config`; "
                             f"got {type(scheduler).__name__}")
-        config = scheduler.config
-        get = config.get if hasattr(config, "get") else (lambda key, default=None: getattr(config, key, default))
-        spacing = get("timestep_spacing", "leading") or "leading"
+        grid, offset = _config_grid(scheduler.config, spacing)
         ac = _as_float64_array(scheduler.alphas_cumprod, "scheduler.alphas_cumprod")
-        ts = grid_timesteps(ac.size, num_steps, spacing, int(get("steps_offset", 0) or 0))
+        ts = grid_timesteps(ac.size, num_steps, grid, offset)
         return cls(ac, ts, final_alpha_cumprod=final_alpha_cumprod, clean_timestep=clean_timestep)
 
     # -- views -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -271,11 +271,20 @@ class StableDiffusion:
         return DiffusersEps(self.unet, self.scheduler, encoder_hidden_states=cond,
                             uncond_encoder_hidden_states=uncond, guidance_scale=guidance_scale)
 
-    def schedule(self, num_steps: int = 50, **kwargs: Any) -> Any:
-        """``belm.Schedule.from_diffusers(self.scheduler, num_steps, **kwargs)``."""
-        from belm.schedule import Schedule
+    def schedule(self, num_steps: int = 50, spacing: Optional[str] = None, sampler: str = "obelm",
+                 **kwargs: Any) -> Any:
+        """``belm.Schedule.from_diffusers(self.scheduler, num_steps, spacing=..., **kwargs)``.
 
-        return Schedule.from_diffusers(self.scheduler, num_steps, **kwargs)
+        ``spacing=None`` gives belm's default grid for ``sampler``
+        (:func:`belm.schedule.default_spacing`: "trailing"; SD 1.x folders are configured
+        "leading" with offset 1, whose tiny last step makes exact inversion amplify the
+        parasitic mode); ``"config"`` keeps the folder's scheduler config.
+        """
+        from belm.schedule import Schedule, default_spacing
+
+        if spacing is None:
+            spacing = default_spacing(sampler)
+        return Schedule.from_diffusers(self.scheduler, num_steps, spacing=spacing, **kwargs)
 
     def __repr__(self) -> str:
         return (f"StableDiffusion(unet={type(self.unet).__name__}, dtype={self.dtype}, device={self.device}, "

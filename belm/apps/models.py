@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from belm.adapters import DiffusersEps
-from belm.schedule import Schedule
+from belm.schedule import Schedule, default_spacing
 
 __all__ = ["ModelHandle", "load_model"]
 
@@ -78,8 +78,18 @@ class ModelHandle:
         return DiffusersEps(self.unet, self.scheduler, class_labels=labels,
                             guidance_scale=guidance, null_class_labels=null)
 
-    def schedule(self, num_steps: int) -> Schedule:
-        return Schedule.from_diffusers(self.scheduler, num_steps)
+    def schedule(self, num_steps: int, spacing: Optional[str] = None, sampler: str = "obelm") -> Schedule:
+        """The grid of ``num_steps`` steps for ``sampler``.
+
+        ``spacing``: None gives belm's default for that sampler
+        (:func:`belm.schedule.default_spacing`: "trailing"), ``"config"`` the scheduler
+        config's own spacing (the digits model's is "leading"), or an explicit name.
+        """
+        if spacing is None:
+            spacing = default_spacing(sampler)
+        if self.prompted:
+            return self.sd.schedule(num_steps, spacing=spacing, sampler=sampler)
+        return Schedule.from_diffusers(self.scheduler, num_steps, spacing=spacing)
 
     # -- images ------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,25 @@ import torch
 from belm.apps.metrics import frechet_distance, reconstruction_errors
 from belm.apps.models import ModelHandle
 from belm.solvers.base import Latent
+from belm.solvers.growth import check_inversion_growth
 from belm.solvers.registry import make_sampler
 
-__all__ = ["reconstruct", "edit", "interpolate", "slerp", "generate", "seeded_noise", "classify", "fd_to_reference"]
+__all__ = ["reconstruct", "edit", "interpolate", "latent_statistics", "slerp", "generate", "seeded_noise", "classify", "fd_to_reference"]
 
 
-def _sampler(model: ModelHandle, name: str, steps: int, condition: Any, guidance: float, progress: bool):
-    return make_sampler(name, model.eps(condition, guidance), model.schedule(steps), progress=progress)
+def _sampler(model: ModelHandle, name: str, steps: int, condition: Any, guidance: float, progress: bool,
+             spacing: Optional[str] = None):
+    """A sampler on the model's default grid for ``name`` (or ``spacing``); warns
+    (:class:`~belm.errors.GrowthWarning`) if inverting on that grid blows up the parasitic mode."""
+    s = make_sampler(name, model.eps(condition, guidance), model.schedule(steps, spacing, name), progress=progress)
+    check_inversion_growth(s, stacklevel=4)
+    return s
+
+
+def latent_statistics(latent: Latent) -> dict:
+    """``latent_std`` and ``latent_max_abs`` of the noisiest state (a noise-like latent: ≈ 1 and ≈ 4)."""
+    x = latent.states[0].to(torch.float64)
+    return {"latent_std": float(x.std()), "latent_max_abs": float(x.abs().max())}
 
 
 def reconstruct(model: ModelHandle, images: torch.Tensor, *, sampler: str = "obelm", steps: int = 50,
@@ -40,19 +52,34 @@ def reconstruct(model: ModelHandle, images: torch.Tensor, *, sampler: str = "obe
 
 def edit(model: ModelHandle, images: torch.Tensor, source: Any, target: Any, *, sampler: str = "obelm",
          steps: int = 50, freeze: int = 0, guidance: float = 3.0, inversion_guidance: float = 1.0,
-         progress: bool = True) -> torch.Tensor:
+         spacing: Optional[str] = None, progress: bool = True) -> dict:
     """Invert with the ``source`` condition up to level ``freeze``, resample with ``target``.
 
     ``freeze`` = 0 inverts all the way to the noisiest level; larger values keep more of the
-    original (the chain is re-sampled only from level ``freeze`` on).
+    original (the chain is re-sampled only from level ``freeze`` on). ``spacing``: the grid
+    (None: belm's default for ``sampler``, see :meth:`ModelHandle.schedule`).
+
+    Returns a dict: ``images`` (B, C, H, W) in [−1, 1]; ``latent_std``, ``latent_max_abs``
+    (noisiest state of the inverted latent); ``change_l2`` (mean per-image L2 norm of
+    edited − source, image units) and ``change_psnr`` (mean dB); for models with a classifier
+    and a class target: ``predicted`` (B,) and ``success_rate`` (fraction classified as target).
     """
-    schedule = model.schedule(steps)
     if not 0 <= freeze < steps:
         raise ValueError(f"freeze must lie in [0, {steps - 1}] (freeze < steps); got {freeze}")
-    inverter = make_sampler(sampler, model.eps(source, inversion_guidance), schedule, progress=progress)
+    inverter = _sampler(model, sampler, steps, source, inversion_guidance, progress, spacing)
     lat = inverter.invert(model.encode(images), to_level=freeze)
-    resampler = make_sampler(sampler, model.eps(target, guidance), schedule, progress=progress)
-    return model.decode(resampler.sample(lat))
+    resampler = make_sampler(sampler, model.eps(target, guidance), inverter.schedule, progress=progress)
+    edited = model.decode(resampler.sample(lat))
+    change = reconstruction_errors(images, edited)
+    finite = [p for p in change["psnr"] if math.isfinite(p)]
+    out = {"images": edited, **latent_statistics(lat),
+           "change_l2": float((edited.to(torch.float64) - images.to(torch.float64)).flatten(1).norm(dim=1).mean()),
+           "change_psnr": (sum(finite) / len(finite)) if finite else math.inf}
+    predicted = classify(model, edited) if isinstance(target, int) else None
+    if predicted is not None:
+        out["predicted"] = predicted
+        out["success_rate"] = float((predicted == target).float().mean())
+    return out
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
@@ -73,22 +100,57 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
 
 def interpolate(model: ModelHandle, image_a: torch.Tensor, image_b: torch.Tensor, *, num: int = 8,
                 sampler: str = "obelm", steps: int = 50, condition: Any = None, guidance: float = 1.0,
-                progress: bool = True) -> torch.Tensor:
-    """``num`` images between two *inverted real images* (1, C, H, W) each.
+                weights: Optional[Sequence[float]] = None, spacing: Optional[str] = None,
+                reference: Optional[torch.Tensor] = None, progress: bool = True) -> dict:
+    """Frames between pairs of *inverted real images*: image_a[i] ↔ image_b[i], each (B, C, H, W).
 
     Every tensor of the two latents (for 2-step methods the pair x_0, x_1) is slerped with
-    the same weight, so weight 0 and 1 give back the originals exactly.
+    the same weight, so weight 0 and 1 give back the originals exactly. ``weights``
+    default to ``num`` evenly spaced values in [0, 1].
+
+    Returns a dict: ``frames`` (len(weights), B, C, H, W) in [−1, 1]; ``weights``;
+    ``endpoint_max_abs_error`` (frames at weight 0 / 1 against the inputs; None if neither
+    weight is used); ``latent_std``, ``latent_max_abs`` (noisiest states of both latents);
+    for the frames at 0 < weight < 1 with a classifier: ``middle_confidence`` (mean top
+    softmax probability) and, given ``reference`` images (default for the digits model: the
+    held-out digits) and at least 2 such frames, ``middle_fd`` (FD-digits to the reference).
     """
-    if num < 2:
-        raise ValueError(f"num must be >= 2 for an interpolation; got {num}")
-    s = _sampler(model, sampler, steps, condition, guidance, progress)
-    la, lb = s.invert(model.encode(image_a)), s.invert(model.encode(image_b))
-    if type(la) is not Latent:
+    if weights is None:
+        if num < 2:
+            raise ValueError(f"num must be >= 2 for an interpolation; got {num}")
+        weights = [i / (num - 1) for i in range(num)]
+    weights = [float(w) for w in weights]
+    if not weights or any(not 0.0 <= w <= 1.0 for w in weights):
+        raise ValueError(f"weights must be a non-empty list of numbers in [0, 1]; got {weights}")
+    if image_a.shape != image_b.shape:
+        raise ValueError(f"image_a and image_b must have the same shape; got {tuple(image_a.shape)} and "
+                         f"{tuple(image_b.shape)}")
+    s = _sampler(model, sampler, steps, condition, guidance, progress, spacing)
+    B = image_a.shape[0]
+    both = s.invert(model.encode(torch.cat([image_a, image_b])))
+    if type(both) is not Latent:
         raise ValueError("interpolation needs float latents (exact='float')")
-    weights = [i / (num - 1) for i in range(num)]
-    mixed = [la.replace(states=[slerp(xa, xb, w) for xa, xb in zip(la.states, lb.states)]) for w in weights]
-    batch = la.replace(states=[torch.cat([m.states[i] for m in mixed]) for i in range(len(la.states))])
-    return model.decode(s.sample(batch))
+    la = both.replace(states=[x[:B] for x in both.states])
+    lb = both.replace(states=[x[B:] for x in both.states])
+    batch = la.replace(states=[torch.cat([slerp(xa, xb, w) for w in weights])
+                               for xa, xb in zip(la.states, lb.states)])
+    frames = model.decode(s.sample(batch))
+    frames = frames.reshape(len(weights), B, *frames.shape[1:])
+    ends = [(frames[i] - (image_a if w == 0 else image_b)).abs().max().item()
+            for i, w in enumerate(weights) if w in (0.0, 1.0)]
+    out = {"frames": frames, "weights": weights, "endpoint_max_abs_error": max(ends) if ends else None,
+           **latent_statistics(both)}
+    middle = frames[[i for i, w in enumerate(weights) if 0 < w < 1]].flatten(0, 1)
+    if len(middle) and model.classifier is not None:
+        with torch.no_grad():
+            probs = model.classifier(middle.to(torch.float32)).softmax(1)
+        out["middle_confidence"] = float(probs.max(1).values.mean())
+        if reference is None and model.name == "digits":
+            from belm.models import digits_dataset
+            reference = digits_dataset("heldout")[0]
+        if reference is not None and len(middle) >= 2:
+            out["middle_fd"] = fd_to_reference(model, middle.cpu(), reference)
+    return out
 
 
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -110,7 +172,7 @@ def generate(model: ModelHandle, seeds: Sequence[int], *, sampler: str = "obelm"
     if per_sample and len(condition) != len(seeds):
         raise ValueError(f"one condition per seed expected: {len(condition)} conditions for {len(seeds)} seeds")
     shape = model.shape if model.kind == "pixel" else _latent_shape(model)
-    schedule = model.schedule(steps)
+    schedule = model.schedule(steps, sampler=sampler)
     outs = []
     for i in range(0, len(seeds), batch_size):
         cond = list(condition[i:i + batch_size]) if per_sample else condition
