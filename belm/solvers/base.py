@@ -228,6 +228,7 @@ class Sampler:
         self.model_dtype = model_dtype
         self.progress = progress
         self.check_finite = check_finite
+        self._growth_checked = False
 
     supports_bitwise: bool = False
 
@@ -349,6 +350,7 @@ class Sampler:
         to_level = self._level_arg(to_level, "to_level")
         if grad == "reversible":
             return self._reversible_invert(x0, to_level, callback)
+        self._warn_about_growth()
         with self._grad_context(grad):
             chain = self.chain_from_clean(x0)
             for _ in self._bar(range(to_level, self.schedule.num_steps), "invert"):
@@ -356,6 +358,9 @@ class Sampler:
                 self._report(callback, chain, "invert")
             self._check_result(chain.x(chain.lo), "inversion")
             return self.to_latent(chain, x0.dtype)
+
+    def _warn_about_growth(self) -> None:
+        """Methods with a parasitic mode warn once when this grid makes inversion amplify it."""
 
     def _reversible_sample(self, x: torch.Tensor | Latent, from_level: int,
                            callback: Optional[Callback]) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 
 from belm.schedule import Schedule
 from belm.solvers.base import Latent, Sampler
+from belm.solvers.growth import check_inversion_growth
 from belm.solvers.chain import Chain, Network
 from belm.solvers.relation import ddim_relation
 
@@ -125,6 +126,11 @@ class EDICT(Sampler):
         return (f"EDICT's inversion divides by p twice per step, so its state grows like p^-2N "
                 f"(p = {self.p!r}, N = {N}: 10^{2 * N * math.log10(1 / self.p):.1f}; float64 round trips stay exact up to "
                 f"N ≈ {int(math.log(1e7) / (-2 * math.log(self.p)))})")
+
+    def _warn_about_growth(self) -> None:
+        if not self._growth_checked:
+            self._growth_checked = True
+            check_inversion_growth(self, stacklevel=4)
 
     def chain_from_noise(self, x: torch.Tensor, level: int, network: Optional[Network] = None) -> Chain:
         network = network or self.network(self.model_dtype or x.dtype)

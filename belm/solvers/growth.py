@@ -60,7 +60,7 @@ import numpy as np
 
 from belm.errors import GrowthWarning
 from belm.schedule import Schedule, grid_timesteps
-from belm.solvers.relation import Relation
+from belm.solvers.relation import Relation, ddim_relation
 
 __all__ = ["Growth", "growth", "parasitic_growth", "relation_of", "check_inversion_growth",
            "DEFAULT_THRESHOLD", "DEFAULT_DATA_STD"]
@@ -80,7 +80,7 @@ class Growth:
     Attributes:
         method: the sampler's name (e.g. ``"OBELM"``).
         num_steps: N.
-        steps: the levels n whose step the factors belong to (sampling step producing level n).
+        levels: the levels n whose step the factors belong to (sampling step producing level n).
         per_step: modulus of the largest parasitic factor of each sampling step (x̄
             coordinates; < 1: sampling damps it, inversion amplifies it by its reciprocal).
         sampling: growth over a full sampling pass from a latent (x̄ coordinates).
@@ -93,7 +93,7 @@ class Growth:
 
     method: str
     num_steps: int
-    steps: tuple[int, ...]
+    levels: tuple[int, ...]
     per_step: tuple[float, ...]
     sampling: float
     inversion: float
@@ -118,25 +118,14 @@ class Growth:
 
 
 def relation_of(sampler: Any) -> Optional[Relation]:
-    """The m-step relation a sampler runs on its schedule (None for DDIM and EDICT).
+    """The k-step relation a multistep sampler runs on its schedule (None for DDIM and EDICT).
 
-    Built by the same functions the sampler uses (``obelm_relation``, ``bdia_relation``,
-    the rule's relation), or the sampler's own ``relation(m)`` when it has one.
+    The sampler's own last member: the very coefficients its chain steps with.
     """
-    from belm.solvers.methods import BDIA, OBELM, bdia_relation, obelm_relation
-    steps = int(getattr(sampler, "steps", 1))
-    if steps < 2 or hasattr(sampler, "p"):
+    members = getattr(sampler, "members", None)
+    if not members or len(members) < 2:
         return None
-    if isinstance(sampler, OBELM):
-        return obelm_relation(sampler.schedule)
-    if isinstance(sampler, BDIA):
-        return bdia_relation(sampler.schedule, sampler.gamma)
-    if hasattr(sampler, "rule"):
-        from belm.solvers.belm import rule_relation
-        return rule_relation(sampler.rule, sampler.schedule, sampler.name)
-    if hasattr(sampler, "relation"):
-        return sampler.relation(steps)
-    raise TypeError(f"cannot find the relation of {type(sampler).__name__}; pass its Relation instead")
+    return members[-1]
 
 
 def _slope(schedule: Schedule, data_std: Optional[float]) -> np.ndarray:
@@ -168,7 +157,6 @@ def _edict_steps(schedule: Schedule, p: float, j: np.ndarray) -> list[np.ndarray
     The second half-step evaluates ε(x', t_{n−1}) at x' = alpha_n·x̄', so its slope in x̄
     is j_{n−1}·alpha_n/alpha_{n−1}.
     """
-    from belm.solvers.multistep import ddim_relation
     ddim = ddim_relation(schedule)
     a, c = ddim.a.numpy()[:, 0], ddim.c.numpy()[:, 0]
     alpha = schedule.alpha.numpy()
@@ -288,7 +276,8 @@ def check_inversion_growth(sampler: Any, threshold: float = DEFAULT_THRESHOLD, *
         if trailing != sched:
             alt = parasitic_growth(_on_schedule(sampler, trailing), data_std=data_std).inversion_x
             fix = (f"Use spacing='trailing' (growth {alt:.3g} there; e.g. Schedule.from_diffusers(scheduler, N, "
-                   "spacing='trailing'), or model.schedule(N) which defaults to it)")
+                   "spacing='trailing'), or model.schedule(N) which defaults to it)") if alt < g.inversion_x else \
+                (f"The trailing grid does not help here (growth {alt:.3g}): use more steps or BDIA(gamma=1)")
         else:
             fix = "This is already the trailing grid: use more steps, O-BELM or BDIA(gamma=1)"
         warnings.warn(
