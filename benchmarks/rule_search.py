@@ -15,7 +15,7 @@ notebooks/lte_order.ipynb, by tests/test_lte_order.py and by
   and ``|C| > 1/6`` (O-BELM's) for every stable ``c``; it tends to 1/6 only at the
   unstable boundary ``c → 2`` (double root −1).
 
-Run ``python -m benchmarks.rule_search`` for the full table (a few minutes on 1 core).
+Run ``python -m benchmarks.rule_search`` for the full table.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ class NumericMember:
         self.k, self.c, self.q = k, float(c), float(q)
         self.zero_stable = zero_stable
         self.order = order
-        self.key = f"belm(k={k},scaled,c={self.c:g},q={self.q:g})"
+        # repr, not :g -- the key must tell members apart to the last bit (RuleLike)
+        self.key = f"belm(k={k},scaled,numeric,c={self.c!r},q={self.q!r})"
 
     def roots(self, direction: str = "forward"):  # only used in BELM's error message
         z = np.roots([1.0, self.c, 1.0]) if self.k == 3 else np.array([-1.0])

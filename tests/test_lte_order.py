@@ -215,3 +215,8 @@ def test_rules_satisfy_the_sampler_protocol():
     x0 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     s = BELM(ref.nonlinear_eps, sched, rule=member, progress=False)
     assert s.steps == 3 and (s.sample(s.invert(x0)) - x0).abs().max().item() <= 1e-9
+
+
+def test_numeric_member_keys_tell_parameters_apart_exactly():
+    a, b = NumericMember(3, 0.9000001, 2, True, 2), NumericMember(3, 0.9000004, 2, True, 2)
+    assert a.key != b.key and NumericMember(3, 0.9000001, 2, True, 2).key == a.key
