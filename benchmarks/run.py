@@ -2,7 +2,8 @@
 
 Measures belm's sampler overhead, end-to-end cost with the bundled UNet, peak memory,
 accuracy on the analytic Gaussian mixture, round-trip exactness and sample quality
-(FD-digits), and writes a Markdown page with its plots (``plots/`` beside it).
+(FD-digits), and the symbolic engine (cold derivation times, named rules vs O-BELM), and writes
+a Markdown page with its plots (``plots/`` beside it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import traceback
 
 import torch
 
-from . import accuracy, e2e, exactness, memory, overhead, quality
+from . import accuracy, e2e, exactness, lte_timing, memory, overhead, quality
 from .common import Section, load_average, log, machine_line
 
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op CPU threads (default 1: stable figures on a shared machine; 0 = torch's "
                         "default)")
     p.add_argument("--only", default=None,
-                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,exactness,quality")
+                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,exactness,quality,lte")
     return p
 
 
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     section("accuracy", "Accuracy: RMS endpoint error and empirical order", accuracy.run, "cpu", q, plot_dir)
     section("exactness", "Exactness: round-trip error (CPU)", exactness.run, "cpu", q, plot_dir)
     section("quality", "Sample quality: FD-digits (CPU)", quality.run, "cpu", q, plot_dir)
+    section("lte", "Symbolic engine (belm.lte)", lte_timing.run, "cpu", q)
     if gpu:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -138,6 +140,13 @@ def summary_lines(figures: dict) -> list[str]:
         best = min(qual["fd"], key=lambda k: qual["fd"][k][-1])
         lines.append(f"- FD-digits at N = {n}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in qual["fd"].items())
                      + f" (floor {qual['floor']:.3g}; best {best}).")
+    lte = figures.get("lte")
+    if lte:
+        used = max(v for k, v in lte["cold"].items() if k in lte["in_use"])
+        others = [f"{k} {v:.2f} s" for k, v in lte["cold"].items() if k not in lte["in_use"]]
+        lines.append(f"- Cold derivation of a rule in a fresh process (target < 1 s, so that an in-memory cache "
+                     f"suffices, {_ok(used < 1.0)}): rules in use (k ≤ 3, named rules) at most **{used:.2f} s**"
+                     + (f"; {', '.join(others)}" if others else "") + ".")
     return lines
 
 

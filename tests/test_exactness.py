@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference as ref
-from belm import BDIA, DDIM, EDICT, OBELM, Schedule
+from belm import BDIA, DDIM, EDICT, OBELM, NonFiniteError, Schedule
 from belm.schedule import make_betas
 from strategies import batch_shapes, beta_schedules, roundtrip_tolerance, spacings
 
@@ -63,16 +63,33 @@ def test_round_trip_at_1000_steps(method):
 
 
 def test_ill_conditioning_of_bdia_and_edict_beyond_their_range():
-    """The documented limits are real: past them the float round trip is no longer exact."""
+    """The documented limits are real: past them the float round trip is no longer exact.
+
+    The latent grows like γ^-N (p^-2N) but stays finite here (≈ 1e27), so the round trip
+    runs and returns a finite, wrong x0."""
     betas = make_betas("scaled_linear", 1000, 0.00085, 0.012)
     x0 = torch.randn(2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     for method, N in (("BDIA(gamma=0.5)", 100), ("EDICT(p=0.93)", 500)):
         s = MAKERS[method](ref.nonlinear_eps, Schedule.from_betas(betas, N))
-        try:
-            err = (s.sample(s.invert(x0)) - x0).abs().max().item()
-        except ValueError:      # the state overflowed: reported as NonFiniteError
-            err = math.inf
-        assert err > 1e-6, (method, N, err)
+        lat = s.invert(x0)
+        assert all(torch.isfinite(t).all() for t in lat.states), method
+        err = (s.sample(lat) - x0).abs().max().item()
+        assert math.isfinite(err) and err > 1e-6, (method, N, err)
+
+
+def test_overflowing_inversion_raises_non_finite_error_naming_the_level():
+    """Far past the limit the state overflows float64; that is a NonFiniteError (not any
+    ValueError) that names the level where it happened."""
+    N = 400
+    s = BDIA(ref.nonlinear_eps, Schedule.from_betas(make_betas("scaled_linear", 1000, 0.00085, 0.012), N),
+             gamma=0.1, progress=False)           # |latent| ~ 10^(level): overflows before level N
+    x0 = torch.randn(2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(NonFiniteError) as info:
+        s.invert(x0)
+    err = info.value
+    assert type(err) is NonFiniteError
+    assert isinstance(err.level, int) and 0 < err.level < N, err.level
+    assert f"level {err.level}" in str(err) and "NaN/Inf" in str(err), str(err)
 
 
 def test_ddim_inversion_is_not_exact():

@@ -1,5 +1,6 @@
 """belm.lte acceptance 3 and 5: empirical orders of the offered stable rules, exact round
-trips of the 3-step samplers, and the search of the stable 2-/3-step families."""
+trips of the 3-step samplers, and the search of the stable 2-/3-step families (research
+code in benchmarks/rule_search.py, outside the library)."""
 
 import numpy as np
 import pytest
@@ -9,10 +10,10 @@ import torch
 import reference as ref
 from belm import BELM, OBELM, Schedule
 from belm.analytic import GaussianMixture
-from belm.lte import NAMED_RULES, derive_belm, named_rule, scaled_rule
-from belm.lte.search import (
+from belm.lte import NAMED_RULES, RuleLike, ScaledBELMRule, derive_belm, named_rule, scaled_rule
+from benchmarks.rule_search import (
     AnalyticBench,
-    ScaledBELMRule,
+    NumericMember,
     constant_step_error_constant,
     evaluate,
     propagator_growth,
@@ -192,3 +193,30 @@ def test_evaluate_rejects_unstable_without_measuring():
     assert not cand.zero_stable and len(cand.errors) == 0
     with pytest.raises(ValueError, match="c = 1"):
         evaluate(2, 0.5, 1, grids=[])
+
+
+# --------------------------------------------------------------------------- the rule protocol
+
+def test_rules_satisfy_the_sampler_protocol():
+    """BELM(k) takes any RuleLike: the library's rules and research code's numeric ones."""
+    member = NumericMember(3, 1, 2, zero_stable=True, order=2)
+    for rule in (derive_belm(2), named_rule("leapfrog3"), named_rule("leapfrog3-scaled"), member):
+        assert isinstance(rule, RuleLike), rule
+    assert not isinstance(object(), RuleLike)
+    # the numeric member is the exact scaled rule, evaluated without symbolic work
+    sched = Schedule.from_betas(COSINE, 20, "linspace")
+    H = sched.H.numpy()
+    n = np.arange(3, sched.num_steps + 1)
+    h = np.stack([H[n - j] for j in range(1, 4)], axis=1)
+    exact_a, exact_b = named_rule("leapfrog3-scaled").numeric()(h)
+    a, b = member.numeric()(h)
+    np.testing.assert_allclose(a, exact_a, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(b, exact_b, rtol=1e-12, atol=0)
+    x0 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    s = BELM(ref.nonlinear_eps, sched, rule=member, progress=False)
+    assert s.steps == 3 and (s.sample(s.invert(x0)) - x0).abs().max().item() <= 1e-9
+
+
+def test_numeric_member_keys_tell_parameters_apart_exactly():
+    a, b = NumericMember(3, 0.9000001, 2, True, 2), NumericMember(3, 0.9000004, 2, True, 2)
+    assert a.key != b.key and NumericMember(3, 0.9000001, 2, True, 2).key == a.key

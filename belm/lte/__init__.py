@@ -4,14 +4,21 @@
     >>> rule = derive_belm(2)            # O-BELM: order 2, LTE O(h^3)
     >>> rule.a, rule.b, rule.order       # doctest: +SKIP
 
-See :mod:`belm.lte.derive` for the conventions (indices, free parameters) and
-:mod:`belm.lte.stability` for zero-stability in both directions.  This
-subpackage needs only sympy and numpy (no torch, no diffusers).
+See :mod:`belm.lte.derive` for the conventions (indices, free parameters),
+:mod:`belm.lte.stability` for zero-stability in both directions and
+:mod:`belm.lte.scaled` for the step-ratio-scaled stable members.  A sampler takes
+any rule through the small protocol :class:`RuleLike` (:mod:`belm.lte.protocols`).
+
+Layering: this subpackage needs only sympy and numpy (no torch, no diffusers) and
+imports nothing from belm outside ``belm.lte`` (tests/test_layers.py).  The search
+and evaluation of rule families on samplers (research code) lives in
+``benchmarks/rule_search.py``.
 """
 
 from .derive import BELMRule, RationalLike, derive_belm, h_symbols, order_condition, unknown_symbols
 from .named import NAMED_RULES, named_rule
-from .search import ScaledBELMRule, scaled_rule
+from .protocols import RuleLike
+from .scaled import ScaledBELMRule, scaled_rule
 from .stability import (
     StabilityReport,
     analyse_constant_step,
@@ -25,6 +32,7 @@ __all__ = [
     "BELMRule",
     "NAMED_RULES",
     "RationalLike",
+    "RuleLike",
     "ScaledBELMRule",
     "StabilityReport",
     "analyse_constant_step",

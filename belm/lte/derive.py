@@ -45,9 +45,12 @@ rational point of the ``h`` (exact arithmetic); the chosen square system is
 then solved exactly over the fraction field ``QQ(h_1..h_k)`` with
 ``DomainMatrix`` (much faster than ``linsolve``), and rows left out are
 checked to vanish identically (all further arithmetic also stays in that
-field, where zero tests are exact).  Cold timings at maximal order (1 core):
-k=2 ≈ 0.05 s, k=3 ≈ 0.1 s, k=4 ≈ 1 s; k=5 takes minutes (not optimised;
-the disk cache makes it a one-off).
+field, where zero tests are exact).
+
+Derived rules are cached in memory only (:func:`functools.lru_cache`, per
+process); nothing is written to or read back from disk, so no file can inject
+code into a derivation.  Cold derivation times: ``python -m benchmarks.lte_timing``
+(figures in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -62,7 +65,6 @@ import numpy as np
 import sympy as sp
 from sympy.polys.matrices import DomainMatrix
 
-from . import _cache
 from .stability import StabilityReport, stability_report
 
 RationalLike = Union[int, float, Fraction, str, sp.Rational]
@@ -382,8 +384,8 @@ def derive_belm(k: int, order: int | None = None, **fix: RationalLike) -> BELMRu
     Unknowns not fixed and not determined by the conditions stay free
     (:attr:`BELMRule.free`; convention in the module docstring).  Raises
     ``ValueError`` for bad ``k``/``order``/names/values and when the fixed
-    values contradict the order conditions.  Results are cached in memory and
-    (best effort) on disk.
+    values contradict the order conditions.  Results are cached in memory
+    (per process; nothing is written to or read from disk).
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"k must be an int >= 2, got {k!r}")
@@ -412,12 +414,7 @@ def derive_belm(k: int, order: int | None = None, **fix: RationalLike) -> BELMRu
 
 @functools.lru_cache(maxsize=256)
 def _derive_cached(k: int, order: int, fixed: tuple[tuple[str, sp.Rational], ...]) -> BELMRule:
-    key = _key(k, order, fixed)
-    rule = _from_disk(key, k, order, fixed)
-    if rule is None:
-        rule = _derive(k, order, fixed)
-        _cache.store(key, _to_entry(rule))
-    return rule
+    return _derive(k, order, fixed)
 
 
 def _derive(k: int, order: int, fixed: tuple[tuple[str, sp.Rational], ...]) -> BELMRule:
@@ -536,52 +533,3 @@ def _affine_parts(m: int, affine, a_sym, b_sym, h, K) -> dict[Any, Any]:
         for t, c in affine[u].items():
             terms[t] = terms.get(t, K.zero) - c * w
     return {t: v / fact for t, v in terms.items()}
-
-
-# --------------------------------------------------------------------------- disk cache glue
-
-def _to_entry(rule: BELMRule) -> dict[str, Any]:
-    return {
-        "a": [sp.srepr(x) for x in rule.a],
-        "b": [sp.srepr(x) for x in rule.b],
-        "free": [str(f) for f in rule.free],
-        "order": rule.order,
-        "lte": sp.srepr(rule.lte_coefficient),
-    }
-
-
-def _from_disk(key: str, k: int, order: int, fixed) -> BELMRule | None:
-    """Load and *validate* a cached rule (cheap exact check at a rational point)."""
-    entry = _cache.load(key)
-    if entry is None:
-        return None
-    try:
-        h = h_symbols(k)
-        a = tuple(sp.sympify(x) for x in entry["a"])
-        b = tuple(sp.sympify(x) for x in entry["b"])
-        free = tuple(sp.Symbol(n) for n in entry["free"])
-        lte = sp.sympify(entry["lte"])
-        true_order = int(entry["order"])
-        if len(a) != k or len(b) != k - 1 or true_order < order:
-            return None
-        allowed = set(h) | set(free)
-        if any(not (x.free_symbols <= allowed) for x in (*a, *b, lte)):
-            return None
-        # exact spot check: order conditions and LTE at a rational point
-        vals = {**dict(zip(h, _generic_point(k)[::-1])),
-                **{f: sp.Rational(3 + 2 * i, 7 + i) for i, f in enumerate(free)}}
-        av = tuple(x.subs(vals) for x in a)
-        bv = tuple(x.subs(vals) for x in b)
-        hv = tuple(vals[x] for x in h)
-        if any(order_condition(m, av, bv, hv) != 0 for m in range(true_order + 1)):
-            return None
-        if order_condition(true_order + 1, av, bv, hv) != lte.subs(vals):
-            return None
-        fixed_map = {n: v for n, v in fixed}
-        for x, sym in zip(a + b, unknown_symbols(k)[0] + unknown_symbols(k)[1]):
-            if str(sym) in fixed_map and x != fixed_map[str(sym)]:
-                return None
-        return BELMRule(k=k, requested_order=order, order=true_order, h=h, a=a, b=b,
-                        free=free, fixed=fixed, lte_coefficient=lte)
-    except Exception:  # noqa: BLE001 - corrupt cache: re-derive
-        return None

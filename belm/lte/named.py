@@ -9,14 +9,17 @@
   the bidirectionally stable set of the order-2 3-step family,
   ``{a_3 = 1, −3 < a_2 < 1}`` (see ``belm.lte.stability``), and
   since ``a_3 = 1`` inversion divides by exactly 1.  Its constant ``a_j`` keep full
-  weight on the oldest state, so on real VP grids (step ratios 1.5 … 3000 between
-  neighbouring σ̄-steps) its error at N = 10, 20 ranges from 0.9× O-BELM's (SD) to
-  3e8× (cosine linspace; see notebooks/lte_order.ipynb).
+  weight on the oldest state, so on real VP grids, whose neighbouring σ̄-steps differ
+  by large factors, its error can exceed O-BELM's by orders of magnitude.
 * ``"leapfrog3-scaled"``: the same constant-step method with step-ratio-scaled
-  coefficients (:func:`belm.lte.search.scaled_rule` ``(3, c=1, q=2)``):
+  coefficients (:func:`belm.lte.scaled.scaled_rule` ``(3, c=1, q=2)``):
   ``a_3 = (h_1/h_3)², a_2 = (h_1/h_2)² − (h_1/h_3)²``, ``a_1`` = O-BELM's.  Order 2,
   zero-stable both ways on every grid (the differences obey a constant-coefficient
-  recurrence); 1.2 … 1.6 times O-BELM's error on real grids, never catastrophic.
+  recurrence), so it never blows up where leapfrog3 does.
+
+Measured errors of both against O-BELM on real VP grids (and the grids' step ratios):
+``python -m benchmarks.lte_timing``, figures in benchmarks/RESULTS.md, section
+"Symbolic engine (belm.lte)"; the full family search: notebooks/lte_order.ipynb.
 
 A 3-step rule of order ≥ 3 that is zero-stable both ways does not exist
 (constant steps: order 4 has ρ = (ζ−1)(ζ²+10ζ+1); the order-3 family has
@@ -30,11 +33,12 @@ from __future__ import annotations
 from typing import Any
 
 from .derive import BELMRule, derive_belm
+from .scaled import scaled_rule
 
 NAMED_RULES: dict[str, dict[str, Any]] = {
     "o-belm": {"k": 2},
     "leapfrog3": {"k": 3, "order": 2, "a_3": 1, "a_2": 0},
-    # "scaled": step-ratio-scaled member of belm.lte.search (not a derive_belm spec)
+    # "scaled": step-ratio-scaled member (belm.lte.scaled), not a derive_belm spec
     "leapfrog3-scaled": {"k": 3, "scaled": {"c": 1, "q": 2}},
 }
 
@@ -46,6 +50,5 @@ def named_rule(name: str) -> BELMRule:
     except KeyError:
         raise ValueError(f"unknown named rule {name!r}; known: {', '.join(NAMED_RULES)}") from None
     if "scaled" in spec:
-        from .search import scaled_rule
         return scaled_rule(spec["k"], **spec["scaled"])
     return derive_belm(spec.pop("k"), spec.pop("order", None), **spec)

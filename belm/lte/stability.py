@@ -45,13 +45,12 @@ when ``||ζ| - 1| < 1e-30``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import sympy as sp
 
-if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
-    from .derive import BELMRule
+from .protocols import ConstantStepRule
 
 ZETA = sp.Symbol("zeta")
 
@@ -168,7 +167,7 @@ def analyse_constant_step(a: Sequence[Any]) -> StabilityReport:
     )
 
 
-def stability_report(rule: "BELMRule") -> StabilityReport:
+def stability_report(rule: ConstantStepRule) -> StabilityReport:
     """Constant-step stability report of a rule without free parameters."""
     if rule.free:
         raise ValueError(
@@ -179,7 +178,7 @@ def stability_report(rule: "BELMRule") -> StabilityReport:
     return analyse_constant_step(rule.constant_step_a())
 
 
-def bidirectional_candidates(rule: "BELMRule") -> list[dict[sp.Symbol, sp.Expr]]:
+def bidirectional_candidates(rule: ConstantStepRule) -> list[dict[sp.Symbol, sp.Expr]]:
     """Free-parameter values satisfying the *necessary* condition for
     bidirectional zero-stability (ρ palindromic with a_k = -1, or
     anti-palindromic with a_k = +1; see the module docstring).
@@ -209,7 +208,7 @@ def bidirectional_candidates(rule: "BELMRule") -> list[dict[sp.Symbol, sp.Expr]]
 
 
 def zero_stability_scan(
-    rule: "BELMRule", tol: float = 1e-9, sep: float = 1e-6, **params: Any
+    rule: ConstantStepRule, tol: float = 1e-9, sep: float = 1e-6, **params: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised *numerical* root test over a grid of free-parameter values.
 

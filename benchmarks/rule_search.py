@@ -1,40 +1,21 @@
-r"""Search the bidirectionally zero-stable 2- and 3-step BELM families on real VP grids.
+r"""Research code: search the bidirectionally zero-stable 2- and 3-step BELM families on real VP grids.
 
-Which members exist (:mod:`belm.lte.stability`): a rule is zero-stable for sampling
-*and* inversion only if every constant-step root of ρ is simple and unimodular.
+Not part of the library (``belm`` never imports ``benchmarks``): it drives samplers
+(:class:`belm.BELM`, :class:`belm.OBELM`) to measure members of the step-ratio-scaled
+families of :mod:`belm.lte.scaled`, whose docstring has the theory.  Used by
+notebooks/lte_order.ipynb, by tests/test_lte_order.py and by
+``python -m benchmarks.lte_timing``.
 
-* ``k = 2``: order 2 is O-BELM.  The order-1 family has one free parameter ``a_2``;
-  with a constant value, bidirectional stability forces ``a_2 = 1`` (ρ = ζ² − 1;
-  ``a_2 = −1`` gives the double root (ζ − 1)²).
-* ``k = 3``: order ≥ 3 has no stable member.  Order 2 has two free parameters; the
-  stable members are ``a_3 = 1, a_2 = c − 1`` with ``−2 < c < 2``:
-  ρ(ζ) = (ζ − 1)(ζ² + cζ + 1).  ``c = 1`` is ``"leapfrog3"``.
+* :func:`scaled_rule` (library) builds a member symbolically; here
+  :class:`NumericMember` evaluates one numerically (float ``c``/``q``, no symbolic work
+  per candidate), :func:`evaluate` measures it on the analytic Gaussian mixture and
+  :func:`search` scans ``(c, q)`` and ranks the members against O-BELM.
+* Constant-step theory (exact): for ``k = 3`` the error constant is
+  ``C = T_3/ρ'(1) = (c − 10) / (12 (2 + c))`` (:func:`constant_step_error_constant`),
+  and ``|C| > 1/6`` (O-BELM's) for every stable ``c``; it tends to 1/6 only at the
+  unstable boundary ``c → 2`` (double root −1).
 
-With *constant* ``a_j`` these members keep the full weight ``a_3 = 1`` on the oldest
-(noisiest, largest-step) state, so their LTE grows like ``h_3³`` and their ``b_j`` like
-``h_3²/(h_1 h_2)``: on VP grids, whose steps in σ̄ shrink by factors 1.5 … 3 per step at
-N = 10 … 20 (cosine linspace: 3000 at the first step), they lose badly (see the notebook).
-
-**Step-ratio-scaled members.**  Writing ``D_n = x̄_n − x̄_{n−1}``, the homogeneous part of
-any consistent 3-step relation is ``D_n = −(a_2 + a_3) D_{n−1} − a_3 D_{n−2}`` (2-step:
-``D_n = −a_2 D_{n−1}``).  With ``w_n = h_1^q`` (``h_1`` = the step that produces level n)
-and ``D_n = w_n V_n``, the choice
-
-.. math::  a_3 = (h_1/h_3)^q,\qquad a_2 + a_3 = c\,(h_1/h_2)^q \qquad (k = 3),
-           \qquad a_2 = (h_1/h_2)^q \quad (k = 2)
-
-makes ``V_n = −c V_{n−1} − V_{n−2}`` (resp. ``V_n = −V_{n−1}``) a *constant-coefficient*
-recurrence on every grid: zero-stability in both directions holds on variable steps by
-construction, with the rounding amplification of inversion bounded by the step-size
-ratio ``(h_max/h_min)^q`` (independent of N), as for O-BELM.  The free parameters of the
-order-2 (k = 3) / order-1 (k = 2) family are substituted, so every scaled 3-step member
-keeps order 2; ``q = 0`` gives back the constant members and ``(k, q) = (2, 2)`` is
-O-BELM itself (order 2).  :func:`scaled_rule` builds a member symbolically, :func:`search`
-scans ``(c, q)`` and measures each member on the analytic Gaussian mixture.
-
-Constant-step theory (exact): for ``k = 3`` the error constant is
-``C = T_3/ρ'(1) = (c − 10) / (12 (2 + c))``, and ``|C| > 1/6`` (O-BELM's) for every
-stable ``c``; it tends to 1/6 only at the unstable boundary ``c → 2`` (double root −1).
+Run ``python -m benchmarks.rule_search`` for the full table.
 """
 
 from __future__ import annotations
@@ -45,14 +26,18 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import sympy as sp
+import torch
 
-from .derive import BELMRule, derive_belm, order_condition
-from .stability import analyse_constant_step
+from belm.analytic import GaussianMixture
+from belm.lte import BELMRule, derive_belm, scaled_rule
+from belm.lte.scaled import scaled_family, scaled_parameters
+from belm.schedule import Schedule, make_betas
+from belm.solvers.belm import BELM
+from belm.solvers.methods import OBELM
 
 __all__ = [
-    "ScaledBELMRule",
-    "scaled_rule",
     "constant_step_error_constant",
+    "NumericMember",
     "Candidate",
     "AnalyticBench",
     "real_grids",
@@ -65,113 +50,12 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- scaled members
-
-@dataclass(frozen=True, eq=True)
-class ScaledBELMRule(BELMRule):
-    """A :class:`BELMRule` whose free parameters are step-ratio expressions (see module doc).
-
-    ``c`` and ``q`` are the family parameters; :attr:`key` names them, e.g.
-    ``"belm(k=3,order=2,scaled,c=1,q=2)"``.  It has no free parameters, so it can be
-    used by :class:`belm.BELM` like any derived rule.
-    """
-
-    c: sp.Rational = sp.Integer(1)
-    q: sp.Rational = sp.Integer(2)
-
-    @property
-    def key(self) -> str:
-        return f"belm(k={self.k},order={self.requested_order},scaled,c={self.c},q={self.q})"
-
-    @property
-    def name(self) -> str:
-        return self.key
-
-    def __str__(self) -> str:
-        return self.key
-
-
-def _rat(name: str, value: Any) -> sp.Rational:
-    try:
-        v = sp.Rational(repr(value)) if isinstance(value, float) else sp.Rational(value)
-    except (TypeError, ValueError, sp.SympifyError):
-        raise ValueError(f"{name}={value!r}: expected a rational number (e.g. 1, 0.5, '3/2')") from None
-    if not v.is_Rational:
-        raise ValueError(f"{name}={value!r}: expected a rational number")
-    return v
-
-
-def _check_params(k: int, c: sp.Rational, q: sp.Rational) -> None:
-    if k not in (2, 3):
-        raise ValueError(f"scaled members exist for k = 2 and k = 3; got k={k!r}")
-    if q < 0:
-        raise ValueError(f"q must be >= 0 (q = 0: constant coefficients); got q={q}")
-    if k == 2 and c != 1:
-        raise ValueError(f"k=2: bidirectional zero-stability forces c = a_2(constant steps) = 1; got c={c}")
-
-
-def _family(k: int) -> BELMRule:
-    return derive_belm(2, order=1) if k == 2 else derive_belm(3, order=2)
-
-
-def _substitution(k: int, h: Sequence[sp.Symbol], free: Sequence[sp.Symbol], c: Any, q: Any) -> dict:
-    if k == 2:
-        (a2,) = free
-        return {a2: (h[0] / h[1]) ** q}
-    a2, a3 = free
-    r3 = (h[0] / h[2]) ** q
-    return {a3: r3, a2: c * (h[0] / h[1]) ** q - r3}
-
-
-def _vanishes(expr: sp.Expr, h: Sequence[sp.Symbol]) -> bool:
-    """Whether ``expr`` (rational in h, possibly with rational powers) is identically 0."""
-    if sp.cancel(sp.together(expr)) == 0:
-        return True
-    for pt in [(3, 5, 11), (7, 2, 13), (17, 19, 5)]:
-        val = sp.N(expr.subs(dict(zip(h, [sp.Rational(v, 7) for v in pt]))), 60)
-        if abs(val) > sp.Float("1e-45", 60):
-            return False
-    return True
-
-
-def scaled_rule(k: int, c: Any = 1, q: Any = 2) -> BELMRule:
-    """The step-ratio-scaled stable member ``(k, c, q)`` (module docstring).
-
-    ``q = 0`` returns the constant-coefficient member from :func:`derive_belm`
-    (``k=2``: ``a_2 = 1``; ``k=3``: ``a_3 = 1, a_2 = c − 1``), ``(2, 1, 2)`` returns
-    ``derive_belm(2)`` (O-BELM); otherwise a :class:`ScaledBELMRule`.  ``c`` and ``q``
-    are rationals; a ``c`` outside the stable range (−2, 2) is accepted (the rule then
-    reports ``zero_stable == False``), a k=2 member needs ``c = 1``.
-    """
-    c_, q_ = _rat("c", c), _rat("q", q)
-    _check_params(int(k), c_, q_)
-    return _scaled_cached(int(k), c_, q_)
-
-
-@functools.lru_cache(maxsize=256)
-def _scaled_cached(k: int, c: sp.Rational, q: sp.Rational) -> BELMRule:
-    if q == 0:
-        return derive_belm(2, order=1, a_2=1) if k == 2 else derive_belm(3, order=2, a_3=1, a_2=c - 1)
-    if k == 2 and q == 2:
-        return derive_belm(2)
-    fam = _family(k)
-    h = fam.h
-    sub = _substitution(k, h, fam.free, c, q)
-    a = tuple(sp.factor(sp.cancel(x.subs(sub))) for x in fam.a)
-    b = tuple(sp.factor(sp.cancel(x.subs(sub))) for x in fam.b)
-    p = fam.order
-    while p < 2 * k - 2 and _vanishes(order_condition(p + 1, a, b, h), h):
-        p += 1
-    lte = sp.factor(sp.cancel(order_condition(p + 1, a, b, h)))
-    return ScaledBELMRule(k=k, requested_order=fam.order, order=p, h=h, a=a, b=b, free=(),
-                          fixed=(), lte_coefficient=lte, c=c, q=q)
-
-
 def constant_step_error_constant(k: int, c: Any = 1) -> sp.Rational:
     r"""Error constant ``C = T_{p+1} / ρ'(1)`` at constant steps (the global error is
     ≈ ``C · h^p · ∫ x̄^{(p+1)}``).  ``k=2``: O-BELM's −1/6 (``c`` ignored);
     ``k=3``: ``(c − 10)/(12 (2 + c))`` (order 2)."""
-    rule = derive_belm(2) if k == 2 else derive_belm(3, order=2, a_3=1, a_2=_rat("c", c) - 1)
+    # q = 0: the constant-coefficient member a_3 = 1, a_2 = c − 1 (c parsed exactly)
+    rule = derive_belm(2) if k == 2 else scaled_rule(3, c, 0)
     zeta = sp.Symbol("zeta")
     ca = rule.constant_step_a()
     rho = zeta**k - sum(ca[j - 1] * zeta ** (k - j) for j in range(1, k + 1))
@@ -182,15 +66,16 @@ def constant_step_error_constant(k: int, c: Any = 1) -> sp.Rational:
 # --------------------------------------------------------------------------- fast numeric members
 
 @functools.lru_cache(maxsize=4)
-def _family_functions(k: int) -> tuple[list[Callable], tuple[sp.Symbol, ...]]:
-    fam = _family(k)
+def _family_functions(k: int) -> list[Callable]:
+    fam = scaled_family(k)
     args = list(fam.h) + list(fam.free)
-    return [sp.lambdify(args, x, "numpy") for x in fam.a + fam.b], fam.free
+    return [sp.lambdify(args, x, "numpy") for x in fam.a + fam.b]
 
 
-class _NumericMember:
-    """Duck-typed rule for :class:`belm.BELM`: the scaled member evaluated numerically
-    (no symbolic work per candidate; float ``c``/``q`` allowed)."""
+class NumericMember:
+    """A rule for :class:`belm.BELM` through :class:`belm.lte.RuleLike`: the scaled
+    member ``(k, c, q)`` evaluated numerically (no symbolic work per candidate; float
+    ``c``/``q`` allowed)."""
 
     free: tuple = ()
 
@@ -198,7 +83,8 @@ class _NumericMember:
         self.k, self.c, self.q = k, float(c), float(q)
         self.zero_stable = zero_stable
         self.order = order
-        self.key = f"belm(k={k},scaled,c={self.c:g},q={self.q:g})"
+        # repr, not :g -- the key must tell members apart to the last bit (RuleLike)
+        self.key = f"belm(k={k},scaled,numeric,c={self.c!r},q={self.q!r})"
 
     def roots(self, direction: str = "forward"):  # only used in BELM's error message
         z = np.roots([1.0, self.c, 1.0]) if self.k == 3 else np.array([-1.0])
@@ -206,18 +92,14 @@ class _NumericMember:
         return tuple(z if direction == "forward" else 1 / z)
 
     def numeric(self) -> Callable[[Any], tuple[np.ndarray, np.ndarray]]:
-        fns, _ = _family_functions(self.k)
+        fns = _family_functions(self.k)
         k, c, q = self.k, self.c, self.q
 
         def coefficients(h: Any) -> tuple[np.ndarray, np.ndarray]:
             hs = np.atleast_2d(np.asarray(h, dtype=np.float64))
             m = hs.shape[0]
             cols = [hs[:, j] for j in range(k)]
-            if k == 2:
-                params = [(hs[:, 0] / hs[:, 1]) ** q]
-            else:
-                r3 = (hs[:, 0] / hs[:, 2]) ** q
-                params = [c * (hs[:, 0] / hs[:, 1]) ** q - r3, r3]
+            params = scaled_parameters(k, cols, c, q)
             vals = [np.broadcast_to(np.asarray(f(*cols, *params), dtype=np.float64), (m,)) for f in fns]
             a, b = np.stack(vals[:k], axis=1), np.stack(vals[k:], axis=1)
             return (a[0], b[0]) if np.ndim(h) == 1 else (a, b)
@@ -235,8 +117,6 @@ def real_grids(schedules: Iterable[str] = ("ddpm-linear", "sd-scaled-linear", "c
     ``"ddpm-linear"``: betas 1e-4 … 0.02; ``"sd-scaled-linear"``: 0.00085 … 0.012;
     ``"cosine"``: squaredcos_cap_v2 (T = 1000).
     """
-    from belm.schedule import Schedule, make_betas
-
     betas = {
         "ddpm-linear": lambda: make_betas("linear", 1000, 1e-4, 0.02),
         "sd-scaled-linear": lambda: make_betas("scaled_linear", 1000, 0.00085, 0.012),
@@ -261,10 +141,6 @@ class AnalyticBench:
     """
 
     def __init__(self, samples: int = 64, seed: int = 0, std: float = 0.5) -> None:
-        import torch
-
-        from belm.analytic import GaussianMixture
-
         self.gm = GaussianMixture.default(dim=2, std=std)
         self.xT = torch.randn(samples, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
         self._exact: dict[float, Any] = {}
@@ -408,8 +284,8 @@ class Candidate:
 
 
 def _constant_check(k: int, c: float) -> tuple[bool, tuple[complex, ...]]:
-    a = (0, 1) if k == 2 else (1 - _rat("c", c), _rat("c", c) - 1, 1)
-    rep = analyse_constant_step(a)
+    """Exact constant-step root check of the member (its q = 0 sibling has the same ρ)."""
+    rep = scaled_rule(k, c, 0).stability
     return rep.zero_stable, rep.forward_roots
 
 
@@ -420,8 +296,6 @@ def evaluate(k: int, c: float, q: float, grids: Sequence[tuple[str, Any]],
     Unstable members (constant-step roots off the circle or repeated) are returned with
     ``zero_stable=False`` and no measurements.
     """
-    from belm.solvers.belm import BELM
-
     if k == 2 and c != 1:
         raise ValueError("k=2 members need c = 1 (bidirectional zero-stability)")
     stable, roots = _constant_check(k, c)
@@ -430,7 +304,7 @@ def evaluate(k: int, c: float, q: float, grids: Sequence[tuple[str, Any]],
     if not stable:
         return cand
     bench = bench or AnalyticBench()
-    member = _NumericMember(k, c, q, stable, order)
+    member = NumericMember(k, c, q, stable, order)
     coeffs = member.numeric()
     errors, fwd, inv, proxy = [], 0.0, 0.0, 0.0
     for label, sched in grids:
@@ -467,8 +341,6 @@ def search(space: Optional[dict[int, dict[str, Sequence[float]]]] = None,
     members sorted by :attr:`Candidate.objective` (plus the rejected ones at the end
     when ``keep_unstable``).
     """
-    from belm.solvers.methods import OBELM
-
     space = DEFAULT_SPACE if space is None else space
     grids = real_grids() if grids is None else list(grids)
     bench = bench or AnalyticBench()
@@ -498,5 +370,6 @@ def summary_table(cands: Sequence[Candidate]) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
+    torch.set_num_threads(1)
     res = search(keep_unstable=True)
     print(summary_table(res))
