@@ -240,11 +240,7 @@ def test_cycle_finder_finds_cycles():
 
 GROUPS = ["belm.errors", "belm.schedule", "belm.analytic", "belm.lte", "belm.solvers", "belm.adapters",
           "belm.models", "belm.apps", "belm.cli", "belm"]
-KNOWN_CYCLES = {   # group -> reason (the files being rewritten by the sampler-core work of issue 11)
-    "belm.solvers": "belm/solvers/multistep.py:61 imports belm.solvers.bitwise (in MultistepSampler.__init__) "
-                    "and belm/solvers/bitwise.py:36 imports belm.solvers.multistep (if TYPE_CHECKING); "
-                    "the bitwise rewrite of issue 11 removes the import back into multistep.py",
-}
+KNOWN_CYCLES: dict[str, str] = {}   # group -> reason, for a cycle being removed elsewhere (none now)
 
 
 def _group(module: str) -> str:
