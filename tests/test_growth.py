@@ -213,3 +213,19 @@ def test_warning_names_the_growth_and_the_fix():
     three = make_sampler("leapfrog3-scaled", zero_eps, model.schedule(10, sampler="leapfrog3-scaled"), progress=False)
     with pytest.warns(GrowthWarning, match="already the trailing grid"):
         check_inversion_growth(three)
+
+
+def test_the_suggested_trailing_grid_is_computed_on_the_trailing_schedule():
+    import warnings
+
+    from belm.errors import GrowthWarning
+    betas = make_betas("scaled_linear", 1000, 0.00085, 0.012)
+    s = OBELM(lambda x, t: x, Schedule.from_betas(betas, 10, "leading", steps_offset=1), progress=False)
+    trailing = OBELM(lambda x, t: x, Schedule.from_betas(betas, 10, "trailing"), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_inversion_growth(s)
+    expected = growth(trailing, data_std=1.0).inversion_x
+    assert expected < 5 < growth(s, data_std=1.0).inversion_x
+    assert any(issubclass(w.category, GrowthWarning) and f"growth {expected:.3g} there" in str(w.message)
+               for w in caught)

@@ -297,3 +297,26 @@ def test_diffusers_ddim_steps_off_grid(unet64, spacing: str, num_steps: int) -> 
     assert _rel(ours, on_grid) <= 1e-10          # belm = the per-level computation
     assert _rel(theirs, off_grid) <= 1e-4        # diffusers = the same computation with t − T//N
     assert _rel(theirs, ours) > 1e-3             # ... which is a different result
+
+
+def test_spacing_option_and_growth_warning(pixel) -> None:
+    """config spacing by default (drop-in), 'trailing' on request; inverting on a blown-up grid warns with the fix."""
+    import warnings
+
+    from belm.errors import GrowthWarning
+    unet, ddim = pixel
+    leading = dict(ddim.config, timestep_spacing="leading", steps_offset=1)
+    bs = BELMScheduler.from_config(leading)
+    bs.set_timesteps(10)
+    assert bs.schedule == Schedule.from_diffusers(DDIMScheduler.from_config(leading), 10)
+    bt = BELMScheduler.from_config(leading, spacing="trailing")
+    bt.set_timesteps(10)
+    assert bt.schedule == Schedule.from_diffusers(DDIMScheduler.from_config(leading), 10, spacing="trailing")
+    assert int(bt.timesteps[-1]) == 99
+    with pytest.warns(GrowthWarning, match="spacing='trailing'"):
+        BELMInverseScheduler.from_config(leading).set_timesteps(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GrowthWarning)
+        BELMInverseScheduler.from_config(leading, spacing="trailing").set_timesteps(10)
+    with pytest.raises(ValueError, match="spacing must be"):
+        BELMScheduler.from_config(leading, spacing="sideways")

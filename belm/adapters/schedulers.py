@@ -15,10 +15,17 @@ advances (sampling) or retreats (inversion) it: the same chain its ``sample`` an
 loops drive. The model output is converted to ε with :func:`~belm.adapters.eps.to_epsilon`.
 
 Which schedule: after ``set_timesteps(N)``, ``scheduler.schedule`` equals
-``Schedule.from_diffusers(scheduler, N)``, i.e. ``Schedule(scheduler.alphas_cumprod,
-grid_timesteps(T, N, config.timestep_spacing, config.steps_offset), final_alpha_cumprod=1.0,
-clean_timestep=1)``. ``alphas_cumprod`` is computed by diffusers' own code (float32, like
-``DDIMScheduler``), so the schedule is identical (same fingerprint) to
+``Schedule.from_diffusers(scheduler, N, spacing=S)`` where S is the config's ``spacing``: None
+(the default, a drop-in replacement runs on the pipeline's own grid) or "config" use the
+config's ``timestep_spacing``; a spacing name overrides it. For inversion and editing pass
+``spacing="trailing"`` (belm's grid, ``belm.schedule.default_spacing``): SD 1.5's "leading"
+grid ends with a tiny step before the clean level, and exact inversion then blows up the
+2-step relation's parasitic mode (docs/math.md, "Stability per direction";
+``belm.solvers.growth``); ``BELMInverseScheduler.set_timesteps`` warns
+(:class:`~belm.errors.GrowthWarning`) with the growth and this fix when that happens. The
+schedule is ``Schedule(scheduler.alphas_cumprod, grid_timesteps(T, N, S, config.steps_offset),
+final_alpha_cumprod=1.0, clean_timestep=1)``. ``alphas_cumprod`` is computed by diffusers' own
+code (float32, like ``DDIMScheduler``), so the schedule is identical (same fingerprint) to
 ``Schedule.from_diffusers(ddim_scheduler, N)`` for a ``DDIMScheduler`` with the same config,
 and a belm :class:`~belm.solvers.base.Latent` moves freely between the two. The final level
 is always clean (alpha = 1, belm's convention): ``set_alpha_to_one`` is accepted for config
@@ -54,6 +61,7 @@ from belm.adapters.eps import PREDICTION_TYPES, to_epsilon
 from belm.errors import LatentMismatchError
 from belm.schedule import SPACINGS, Schedule
 from belm.solvers import BDIA, DDIM, OBELM, Latent, MultistepChain, MultistepSampler
+from belm.solvers.growth import check_inversion_growth
 
 __all__ = ["BELMScheduler", "BELMInverseScheduler", "BELMSchedulerOutput", "METHODS"]
 
@@ -120,6 +128,7 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: bool = False,
         method: str = "obelm",
         gamma: float = 1.0,
+        spacing: Optional[str] = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}; got {method!r}")
@@ -127,6 +136,10 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}; got {timestep_spacing!r}")
+        if spacing not in (None, "config") + SPACINGS:
+            raise ValueError(f"spacing must be None or 'config' (the config's timestep_spacing, as the pipeline's own "
+                             f"scheduler) or one of {SPACINGS} ('trailing' is belm's grid for inversion); "
+                             f"got {spacing!r}")
         if method == "bdia":  # validated here so that a bad config fails at construction
             if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
                 raise ValueError(f"gamma must lie in (0, 1]; got {gamma!r}. gamma = 1 is the usual choice")
@@ -168,7 +181,7 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
         else:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps needs num_inference_steps (or a descending list of timesteps)")
-            schedule = Schedule.from_diffusers(self, num_inference_steps)
+            schedule = Schedule.from_diffusers(self, num_inference_steps, spacing=self.config.spacing)
         kwargs = {"gamma": float(self.config.gamma)} if self.config.method == "bdia" else {}
         self.sampler = METHODS[self.config.method](_unused_eps, schedule, progress=False, **kwargs)
         self.schedule = schedule
@@ -427,6 +440,8 @@ class BELMInverseScheduler(_BELMSchedulerBase):
                       timesteps: Optional[Sequence[int]] = None, to_level: int = 0) -> None:
         """Build the schedule and the inversion's evaluation timesteps (see the class docstring)."""
         schedule = self._build(num_inference_steps, timesteps)
+        if self.sampler.invertible:
+            check_inversion_growth(self.sampler, stacklevel=3)
         N = schedule.num_steps
         if isinstance(to_level, bool) or not isinstance(to_level, int) or not 0 <= to_level < N:
             raise ValueError(f"to_level must be an integer level in [0, {N - 1}]; got {to_level!r}")

@@ -292,4 +292,6 @@ def _on_schedule(sampler: Any, schedule: Schedule) -> Any:
     """A stand-in with the sampler's identity on another schedule (for growth only)."""
     clone = copy.copy(sampler)
     clone.schedule = schedule
+    if getattr(sampler, "members", None):
+        clone.members = [ddim_relation(schedule)] + [clone.relation(m) for m in range(2, len(sampler.members) + 1)]
     return clone
