@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op CPU threads (default 1: stable figures on a shared machine; 0 = torch's "
                         "default)")
     p.add_argument("--only", default=None,
-                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,exactness,quality")
+                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,accuracy-flow,exactness,quality")
     return p
 
 
@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     section("e2e", "End to end with the bundled UNet (CPU)", e2e.run, "cpu", q)
     section("memory", "Peak memory of sampling and inversion (CPU)", memory.run, "cpu", q)
     section("accuracy", "Accuracy: RMS endpoint error and empirical order", accuracy.run, "cpu", q, plot_dir)
+    section("accuracy-flow", "Accuracy and round trips on flow and continuous-σ schedules", accuracy.run_continuous,
+            "cpu", q, plot_dir)
     section("exactness", "Exactness: round-trip error (CPU)", exactness.run, "cpu", q, plot_dir)
     section("quality", "Sample quality: FD-digits (CPU)", quality.run, "cpu", q, plot_dir)
     if gpu:
