@@ -15,7 +15,7 @@ import traceback
 
 import torch
 
-from . import accuracy, e2e, exactness, memory, overhead, quality
+from . import accuracy, e2e, exactness, flow_quality, memory, overhead, quality
 from .common import Section, load_average, log, machine_line
 
 
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op CPU threads (default 1: stable figures on a shared machine; 0 = torch's "
                         "default)")
     p.add_argument("--only", default=None,
-                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,accuracy-flow,exactness,quality")
+                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,accuracy-flow,exactness,"
+                        "quality,flow-quality")
     return p
 
 
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
             "cpu", q, plot_dir)
     section("exactness", "Exactness: round-trip error (CPU)", exactness.run, "cpu", q, plot_dir)
     section("quality", "Sample quality: FD-digits (CPU)", quality.run, "cpu", q, plot_dir)
+    section("flow-quality", "digits-flow: FD-digits, class accuracy, round trip (CPU)", flow_quality.run, "cpu", q,
+            plot_dir)
     if gpu:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
