@@ -275,7 +275,8 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
         raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}")
     lo, hi, r = float(sigma_min), float(sigma_max), float(rho)
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise ValueError(f"need 0 < sigma_min < sigma_max (finite); got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
+        raise ValueError("need 0 < sigma_min < sigma_max (finite); "
+                         f"got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
     if not (math.isfinite(r) and r > 0):
         raise ValueError(f"rho must be a positive number; got {rho!r}")
     if num_steps == 1:
@@ -455,4 +456,5 @@ class ContinuousSchedule(Schedule):
     def __repr__(self) -> str:
         s = [f"{v:.6g}" for v in self.timesteps.tolist()]
         shown = s if len(s) <= 6 else s[:3] + ["…"] + s[-2:]
-        return f"Schedule(kind={self.kind!r}, N={self.num_steps}, sigmas=[{', '.join(shown)}], clean_sigma={self.clean_sigma:g})"
+        return (f"Schedule(kind={self.kind!r}, N={self.num_steps}, sigmas=[{', '.join(shown)}], "
+                f"clean_sigma={self.clean_sigma:g})")

@@ -197,7 +197,8 @@ def run_continuous(device: str, quick: bool, plot_dir: str | None) -> tuple[str,
             "of log error vs log N (least squares over all N).\n\n"
             + "\n\n".join(tables)
             + "\n\n**Coordinates.** The alternative, diffusion's ε-coordinates (x̄ = x/(1−σ), σ̄ = σ/(1−σ), "
-            "f = ε = x + (1−σ)·v; the equivalent VP problem) is undefined at σ = 1, where every flow grid starts; "
+            "f = ε = x + (1−σ)·v; the equivalent VP problem) is undefined at σ = 1, where every flow grid "
+            "starts; "
             "on the same grids without their first level (start at σ_1 on the exact trajectory):\n\n" + alt_text
             + "\n\n**Round trips from σ = 1** (16 points of the mixture; targets ≤ 1e-12 in float64, torch.equal "
             "in bitwise mode):\n\n" + rt_text
