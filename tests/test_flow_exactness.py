@@ -111,3 +111,22 @@ def test_callback_and_network_time_on_a_flow():
     assert len(seen) == 6                                  # one network call per step
     s.sample(lat)
     assert len(seen) == 12
+
+
+@needs_core
+@pytest.mark.parametrize("clean_sigma", [None, 0.0])
+def test_karras_inversion_first_call_uses_clean_sigma(clean_sigma):
+    ve = VEGaussianMixture.default(dim=2, std=0.5)
+    sched = Schedule.karras(8, 0.002, 80.0, clean_sigma=clean_sigma)
+    seen = []
+
+    def eps(x, t):
+        seen.append(t.item())
+        return ve.eps_ve(x, t)
+
+    s = OBELM(eps, sched, progress=False)
+    x0 = ve.sample_data(4, seed=5)
+    lat = s.invert(x0)
+    # default: the last noisy level σ_{N−1} (EDM's c_noise = ln σ / 4 is −∞ at 0); or what was asked
+    assert seen[0] == (sched.timesteps[-1].item() if clean_sigma is None else 0.0)
+    assert (s.sample(lat) - x0).abs().max().item() <= 1e-12
