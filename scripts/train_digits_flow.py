@@ -81,8 +81,7 @@ def main(argv=None):
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=500, help="also save EMA weights every N steps (0: only at end)")
     p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many steps (the learning-rate schedule still spans --steps); "
-                        "the bundled weights are --steps 2800 --stop-after 2000")
+                   help="stop after this many steps (the learning-rate schedule still spans --steps)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
