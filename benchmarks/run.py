@@ -16,7 +16,7 @@ import traceback
 
 import torch
 
-from . import accuracy, e2e, exactness, lte_timing, memory, overhead, quality
+from . import accuracy, e2e, exactness, flow_quality, lte_timing, memory, overhead, quality
 from .common import Section, load_average, log, machine_line
 
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op CPU threads (default 1: stable figures on a shared machine; 0 = torch's "
                         "default)")
     p.add_argument("--only", default=None,
-                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,exactness,quality,lte")
+                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,accuracy-flow,exactness,"
+                        "quality,flow-quality,lte")
     return p
 
 
@@ -84,9 +85,13 @@ def main(argv=None) -> int:
     section("e2e", "End to end with the bundled UNet (CPU)", e2e.run, "cpu", q)
     section("memory", "Peak memory of sampling and inversion (CPU)", memory.run, "cpu", q)
     section("accuracy", "Accuracy: RMS endpoint error and empirical order", accuracy.run, "cpu", q, plot_dir)
+    section("accuracy-flow", "Accuracy and round trips on flow and continuous-σ schedules", accuracy.run_continuous,
+            "cpu", q, plot_dir)
     section("exactness", "Exactness: round-trip error (CPU)", exactness.run, "cpu", q, plot_dir)
     section("quality", "Sample quality: FD-digits (CPU)", quality.run, "cpu", q, plot_dir)
     section("lte", "Symbolic engine (belm.lte)", lte_timing.run, "cpu", q)
+    section("flow-quality", "digits-flow: FD-digits, class accuracy, round trip (CPU)", flow_quality.run, "cpu", q,
+            plot_dir)
     if gpu:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

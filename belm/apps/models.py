@@ -16,7 +16,7 @@ import torch
 from belm.adapters import DiffusersEps
 from belm.schedule import Schedule, default_spacing
 
-__all__ = ["ModelHandle", "load_model"]
+__all__ = ["ModelHandle", "FlowModelHandle", "load_model"]
 
 
 @dataclass
@@ -116,9 +116,35 @@ class ModelHandle:
         return x[:, :1] if C == 1 and x.shape[1] != 1 else x
 
 
+@dataclass
+class FlowModelHandle(ModelHandle):
+    """A rectified-flow pixel model (``"digits-flow"``): ``eps`` returns the velocity dx/dσ.
+
+    Its ``schedule(N)`` is a kind="flow" schedule (``Schedule.from_diffusers`` on the
+    FlowMatchEulerDiscreteScheduler), on which the samplers take a velocity function.
+    """
+
+    def eps(self, condition: Any = None, guidance: float = 1.0, batch: int = 1):
+        """``fn(x, t)`` returning the velocity for a class id (or None) and guidance scale."""
+        from belm.models import UNetVelocity
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0; got {guidance}")
+        T = int(self.scheduler.config.num_train_timesteps)
+        if condition is None:
+            return UNetVelocity(self.unet, class_labels=self.null_class, num_train_timesteps=T)
+        return UNetVelocity(self.unet, class_labels=torch.as_tensor(condition, dtype=torch.int64),
+                            guidance_scale=guidance, null_class_labels=self.null_class, num_train_timesteps=T)
+
+
 def load_model(model: str = "digits", *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> ModelHandle:
-    """``"digits"`` (bundled) or a local diffusers folder (pixel UNet2DModel or Stable Diffusion)."""
+    """``"digits"``, ``"digits-flow"`` (bundled) or a local diffusers folder (pixel UNet2DModel or Stable
+    Diffusion)."""
+    if model == "digits-flow":
+        from belm.models import NULL_CLASS, NUM_CLASSES, load_digits_classifier, load_digits_flow_unet
+        unet, scheduler = load_digits_flow_unet(dtype=dtype, device=device)
+        return FlowModelHandle("digits-flow", "pixel", unet, scheduler, (1, 16, 16), NUM_CLASSES, NULL_CLASS,
+                               classifier=load_digits_classifier(device=device))
     if model == "digits":
         from belm.models import NULL_CLASS, NUM_CLASSES, load_digits_classifier, load_digits_unet
         unet, scheduler = load_digits_unet(dtype=dtype, device=device)
@@ -126,7 +152,8 @@ def load_model(model: str = "digits", *, dtype: torch.dtype = torch.float32,
                            classifier=load_digits_classifier(device=device))
     folder = Path(model)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--model {model}: no such folder; pass 'digits' or a local diffusers folder")
+        raise FileNotFoundError(f"--model {model}: no such folder; pass 'digits', 'digits-flow' or a local "
+                                "diffusers folder")
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     if "vae" in index or (folder / "vae").is_dir():

@@ -6,6 +6,9 @@ downloaded. Regenerate the files with ``scripts/train_digits.py`` and ``scripts/
 * :func:`load_digits_unet` -> ``(UNet2DModel, DDPMScheduler)``: epsilon prediction, 16x16x1 images in
   [-1, 1], DDPM linear betas 1e-4..0.02, T=1000; ``class_labels`` 0..9, or ``NULL_CLASS`` (10) for the
   unconditional branch of classifier-free guidance.
+* :func:`load_digits_flow_unet` -> ``(UNet2DModel, FlowMatchEulerDiscreteScheduler)``: the same UNet
+  architecture trained as a rectified flow on the same data and split (velocity v = z − x0 of
+  x_σ = (1 − σ)·x0 + σ·z, timestep σ·1000, shift 1); wrap it with :class:`UNetVelocity`.
 * :func:`load_digits_classifier` -> :class:`DigitClassifier` (``forward`` logits, ``features`` 64-d).
 * :func:`digits_dataset` -> preprocessed sklearn digits, ``"train"`` or ``"heldout"`` split.
 """
@@ -18,11 +21,16 @@ import torch
 
 from .classifier import DigitClassifier
 from .data import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, digits_tensors, preprocess_digits
+from .flow import UNetVelocity
 
 DIGITS_PATH = Path(__file__).resolve().parent / "digits"
+DIGITS_FLOW_PATH = Path(__file__).resolve().parent / "digits_flow"
 
 __all__ = [
     "DIGITS_PATH",
+    "DIGITS_FLOW_PATH",
+    "UNetVelocity",
+    "load_digits_flow_unet",
     "NULL_CLASS",
     "NUM_CLASSES",
     "IMAGE_SIZE",
@@ -37,6 +45,7 @@ __all__ = [
 _REGEN = {
     "unet": "python scripts/train_digits.py --steps 2800 --batch-size 64 --lr 1.5e-3 --seed 0 --threads 1",
     "classifier": "python scripts/train_classifier.py --epochs 30 --seed 0 --threads 1",
+    "flow": "python scripts/train_digits_flow.py --steps 2800 --batch-size 64 --lr 1.5e-3 --seed 0 --threads 1",
 }
 
 
@@ -63,6 +72,27 @@ def load_digits_unet(dtype: torch.dtype = torch.float32, device="cpu"):
         unet = unet.to(dtype=dtype)
     unet = unet.to(device=device).eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(str(DIGITS_PATH / "scheduler"), local_files_only=True)
+    return unet, scheduler
+
+
+def load_digits_flow_unet(dtype: torch.dtype = torch.float32, device="cpu"):
+    """Return ``(unet, scheduler)``: the bundled rectified-flow UNet2DModel (eval mode, EMA weights)
+    and its FlowMatchEulerDiscreteScheduler (T = 1000, shift 1). Sample it on
+    ``Schedule.from_diffusers(scheduler, N)`` with ``UNetVelocity(unet, class_labels=...)``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    _require(DIGITS_FLOW_PATH / "unet" / "config.json", "flow")
+    _require(DIGITS_FLOW_PATH / "unet" / "diffusion_pytorch_model.safetensors", "flow")
+    _require(DIGITS_FLOW_PATH / "scheduler" / "scheduler_config.json", "flow")
+    unet = UNet2DModel.from_pretrained(
+        str(DIGITS_FLOW_PATH / "unet"), use_safetensors=True, local_files_only=True, torch_dtype=dtype,
+        low_cpu_mem_usage=False,
+    )
+    if unet.dtype != dtype:
+        unet = unet.to(dtype=dtype)
+    unet = unet.to(device=device).eval().requires_grad_(False)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(DIGITS_FLOW_PATH / "scheduler"),
+                                                                local_files_only=True)
     return unet, scheduler
 
 
