@@ -4,7 +4,6 @@ import torch
 
 from belm import OBELM, Schedule
 from belm.models import DIGITS_FLOW_PATH, NULL_CLASS, UNetVelocity, digits_dataset, load_digits_flow_unet
-from core_probe import needs_core  # TEMPORARY until the core reads scale/tau
 
 
 
@@ -79,7 +78,6 @@ def test_load_model_digits_flow_gives_velocity_and_flow_schedule():
     assert isinstance(model.eps(), UNetVelocity)
 
 
-@needs_core
 def test_round_trip_of_heldout_digits(flow_model):
     unet, scheduler = flow_model
     images, labels = digits_dataset("heldout")

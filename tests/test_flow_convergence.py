@@ -13,7 +13,6 @@ import torch
 from belm import BDIA, DDIM, EDICT, OBELM, Schedule
 from belm.analytic import FlowGaussianMixture, VEGaussianMixture
 from belm.solvers.methods import bdia_relation, obelm_relation
-from core_probe import needs_core  # TEMPORARY until the core reads scale/tau
 
 NS = [20, 40, 80, 160]
 
@@ -40,7 +39,6 @@ def rms(out, exact):
     return ((out - exact) ** 2).mean().sqrt().item()
 
 
-@needs_core
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_obelm_is_second_order_and_beats_euler(flow_problem, shift):
     gm, z, exact = flow_problem
@@ -57,14 +55,12 @@ def test_flow_obelm_is_second_order_and_beats_euler(flow_problem, shift):
     assert np.all(np.diff(obelm) < 0) and np.all(np.diff(euler) < 0)
 
 
-@needs_core
 def test_flow_edict_converges(flow_problem):
     gm, z, exact = flow_problem
     errs = [rms(EDICT(gm.fn(), flow_grid(N, 1.0), progress=False).sample(z), exact) for N in (20, 80)]
     assert slope([20, 80], errs) >= 0.8 and errs[-1] < 2e-2, errs
 
 
-@needs_core
 def test_karras_ve_obelm_is_second_order_and_beats_ddim():
     gm = VEGaussianMixture.default(dim=2, std=0.5)
     x = 80.0 * torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -79,7 +75,6 @@ def test_karras_ve_obelm_is_second_order_and_beats_ddim():
     assert 0.8 <= slope(NS, ddim) <= 1.2, ddim
 
 
-@needs_core
 @pytest.mark.parametrize("config, mu", [(dict(shift=3.0), None), (dict(use_dynamic_shifting=True), 1.1)])
 def test_ddim_on_a_flow_schedule_is_diffusers_euler(config, mu):
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -106,7 +101,6 @@ def test_ddim_on_a_flow_schedule_is_diffusers_euler(config, mu):
     assert [t.item() for t in seen] == sched.timesteps.tolist()
 
 
-@needs_core
 def test_relations_in_sigma_coordinates():
     """O-BELM's a, c are functions of H alone; BDIA's γ·scale ratio is γ when scale = 1."""
     sched = flow_grid(9, 3.0)

@@ -124,6 +124,14 @@ class FlowModelHandle(ModelHandle):
     FlowMatchEulerDiscreteScheduler), on which the samplers take a velocity function.
     """
 
+    def schedule(self, num_steps: int, spacing: Optional[str] = None, sampler: str = "obelm") -> Schedule:
+        """The scheduler's own σ grid (shift included); a flow grid has no spacing to choose, and its
+        last step is not tiny, so it suits exact inversion as it is."""
+        if spacing not in (None, "config"):
+            raise ValueError(f"spacing={spacing!r} does not apply to the flow model {self.name} (its sigmas follow "
+                             "the scheduler's shift); omit it")
+        return Schedule.from_diffusers(self.scheduler, num_steps)
+
     def eps(self, condition: Any = None, guidance: float = 1.0, batch: int = 1):
         """``fn(x, t)`` returning the velocity for a class id (or None) and guidance scale."""
         from belm.models import UNetVelocity

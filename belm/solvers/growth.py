@@ -262,12 +262,15 @@ def growth(sampler: Any, data_std: Optional[float] = None) -> Growth:
 
 
 def check_inversion_growth(sampler: Any, threshold: float = DEFAULT_THRESHOLD, *,
-                           data_std: float = DEFAULT_DATA_STD, stacklevel: int = 2) -> Growth:
+                           data_std: float = DEFAULT_DATA_STD, stacklevel: int = 2) -> Optional[Growth]:
     """Warn (:class:`~belm.errors.GrowthWarning`) when inverting on this grid blows up the
     parasitic mode: ``growth(sampler, data_std).inversion_x > threshold``.
 
-    The message names the growth and the fix (a trailing grid). Returns the Growth.
+    The message names the growth and the fix (a trailing grid). Returns the Growth (None on
+    continuous-σ schedules, which this check does not cover).
     """
+    if sampler.schedule.kind != "discrete":
+        return None   # the data model and the grid fix below are those of discrete VP schedules
     g = parasitic_growth(sampler, data_std=data_std)
     if g.modes and g.inversion_x > threshold:
         sched = sampler.schedule
