@@ -5,6 +5,11 @@
   guidance batched into one forward pass.
 - :class:`StableDiffusion`: a latent pipeline (VAE + text encoder + UNet + scheduler):
   ``encode`` / ``decode`` images, ``eps(prompt=...)``, ``schedule(num_steps)``.
+- :class:`StableDiffusionXL`: the same for SDXL folders (two text encoders, added conditioning).
+- :class:`SD3Velocity`, :class:`FluxVelocity`: ``fn(x, σ) -> dx/dσ`` from diffusers' flow
+  transformers (SD3: CFG batched; FLUX: packed latents, ids, guidance embedding);
+  :class:`StableDiffusion3`, :class:`Flux`: pipeline helpers (encode / decode,
+  ``velocity(prompt=...)``, ``schedule(num_steps)`` on the pipeline's flow grid).
 - :class:`BELMScheduler`, :class:`BELMInverseScheduler`: O-BELM / BDIA / DDIM as diffusers
   schedulers for stock pipelines (imported lazily; they need diffusers).
 
@@ -15,9 +20,14 @@ imported lazily (only when a folder is loaded or an image is read).
 from typing import Any
 
 from belm.adapters.eps import PREDICTION_TYPES, DiffusersEps, to_epsilon
+from belm.adapters.flow import FlowVelocity, FluxVelocity, SD3Velocity
+from belm.adapters.flux import Flux
+from belm.adapters.sd3 import StableDiffusion3
+from belm.adapters.sdxl import StableDiffusionXL
 from belm.adapters.stable_diffusion import StableDiffusion
 
 __all__ = ["PREDICTION_TYPES", "DiffusersEps", "StableDiffusion", "to_epsilon",
+           "StableDiffusionXL", "StableDiffusion3", "Flux", "FlowVelocity", "SD3Velocity", "FluxVelocity",
            "BELMScheduler", "BELMInverseScheduler"]
 
 _LAZY = ("BELMScheduler", "BELMInverseScheduler")
