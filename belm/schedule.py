@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Schedule", "SPACINGS", "make_betas"]
+__all__ = ["Schedule", "ContinuousSchedule", "CONTINUOUS_KINDS", "SPACINGS", "make_betas"]
 
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -185,14 +185,24 @@ class Schedule:
 
     @classmethod
     def from_diffusers(cls, scheduler: Any, num_steps: int = 50, *, final_alpha_cumprod: float = 1.0,
-                       clean_timestep: int = 1) -> "Schedule":
+                       clean_timestep: int = 1, mu: float | None = None) -> "Schedule":
         """Schedule from a diffusers scheduler object (duck-typed).
 
         Reads ``scheduler.alphas_cumprod`` and ``scheduler.config.timestep_spacing``
         (default "leading") and ``steps_offset``. The clean level is alpha = 1 unless
         ``final_alpha_cumprod`` says otherwise (pass ``float(scheduler.alphas_cumprod[0])``
         to follow Stable Diffusion's ``set_alpha_to_one=False``).
+
+        A flow-matching scheduler (diffusers' ``FlowMatchEulerDiscreteScheduler``: no
+        ``alphas_cumprod``, a ``shift``) gives a ``kind="flow"`` schedule whose σ equal the
+        scheduler's own ``set_timesteps(num_steps, mu=mu).sigmas`` bit for bit; ``mu`` is
+        required when its config has ``use_dynamic_shifting`` (see :func:`flow_match_sigmas`).
         """
+        if _is_flow_match_scheduler(scheduler):
+            return ContinuousSchedule.from_flow_match_scheduler(scheduler, num_steps, mu=mu)
+        if mu is not None:
+            raise ValueError("mu (dynamic shifting) applies only to flow-matching schedulers "
+                             f"(FlowMatchEulerDiscreteScheduler); {type(scheduler).__name__} has none")
         if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
             raise TypeError("scheduler must be a diffusers scheduler with `alphas_cumprod` and `config`; "
                             f"got {type(scheduler).__name__}")
@@ -202,6 +212,17 @@ class Schedule:
         ac = _as_float64_array(scheduler.alphas_cumprod, "scheduler.alphas_cumprod")
         ts = grid_timesteps(ac.size, num_steps, spacing, int(get("steps_offset", 0) or 0))
         return cls(ac, ts, final_alpha_cumprod=final_alpha_cumprod, clean_timestep=clean_timestep)
+
+    @classmethod
+    def from_sigmas(cls, sigmas: Any, kind: str = "flow", *, clean_sigma: float | None = None) -> "ContinuousSchedule":
+        """A continuous-σ schedule; see :class:`ContinuousSchedule` (the clean level σ = 0 is appended)."""
+        return ContinuousSchedule(sigmas, kind, clean_sigma=clean_sigma)
+
+    @classmethod
+    def karras(cls, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, *,
+               kind: str = "ve", clean_sigma: float | None = None) -> "ContinuousSchedule":
+        """EDM's grid (Karras et al. 2022), kind "ve" by default; see :func:`karras_sigmas`."""
+        return ContinuousSchedule(karras_sigmas(num_steps, sigma_min, sigma_max, rho), kind, clean_sigma=clean_sigma)
 
     # -- views -------------------------------------------------------------------------
     @property
@@ -236,3 +257,202 @@ class Schedule:
         return (f"Schedule(N={self.num_steps}, T={self.num_train_timesteps}, timesteps={shown}, "
                 f"final_alpha_cumprod={self.final_alpha_cumprod})")
 
+
+
+# -- continuous σ: flow matching, VE and VP ---------------------------------------------
+
+CONTINUOUS_KINDS = ("flow", "ve", "vp")
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """EDM's noise levels (Karras et al. 2022, eq. 5), float64, without the trailing 0::
+
+        σ_i = (σ_max^{1/ρ} + i/(N−1) · (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,   i = 0 … N−1
+
+    (N = 1 gives [σ_max]).
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}")
+    lo, hi, r = float(sigma_min), float(sigma_max), float(rho)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"need 0 < sigma_min < sigma_max (finite); got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
+    if not (math.isfinite(r) and r > 0):
+        raise ValueError(f"rho must be a positive number; got {rho!r}")
+    if num_steps == 1:
+        return np.array([hi])
+    ramp = np.linspace(0.0, 1.0, int(num_steps))
+    hi_r, lo_r = hi ** (1.0 / r), lo ** (1.0 / r)
+    return (hi_r + ramp * (lo_r - hi_r)) ** r
+
+
+def _config_getter(scheduler: Any):
+    config = scheduler.config
+    return config.get if hasattr(config, "get") else (lambda key, default=None: getattr(config, key, default))
+
+
+def _is_flow_match_scheduler(scheduler: Any) -> bool:
+    """Duck-typed: a diffusers flow-matching scheduler has a config with ``shift`` and no ``alphas_cumprod``."""
+    if hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "config"):
+        return False
+    return _config_getter(scheduler)("shift", None) is not None
+
+
+def flow_match_sigmas(scheduler: Any, num_steps: int, mu: float | None = None) -> np.ndarray:
+    """The N noisy σ of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(N, mu=mu)``.
+
+    Re-computes the scheduler's rule (diffusers 0.3x–0.42) with the same float64 numpy
+    operations in the same order and rounds to float32 as diffusers does, so the result
+    equals ``scheduler.sigmas[:-1]`` bit for bit (tests/test_continuous.py checks it) without
+    touching the scheduler's state:
+
+        σ̃ = linspace(σ_max·T, σ_min·T, N) / T;  σ = shift·σ̃ / (1 + (shift−1)·σ̃)  (static shift)
+        or σ = e^μ / (e^μ + (1/σ̃ − 1))  (dynamic, time_shift_type "exponential"; "linear": μ / (μ + …)),
+
+    then the optional ``shift_terminal`` stretch. σ_max, σ_min are the scheduler's own
+    attributes (the static shift already applied to 1 and 1/T at construction). Returns a
+    float64 array of shape (N,).
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}")
+    get = _config_getter(scheduler)
+    for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
+        if get(flag, False):
+            raise ValueError(
+                f"scheduler.config.{flag} is set; that grid rule is not re-implemented here. Call "
+                "scheduler.set_timesteps(N) and pass Schedule.from_sigmas(scheduler.sigmas[:-1], kind='flow')")
+    T = int(get("num_train_timesteps", 1000))
+    sigma_max = float(getattr(scheduler, "sigma_max", 1.0))
+    sigma_min = float(getattr(scheduler, "sigma_min", 1.0 / T))
+    sigmas = np.linspace(sigma_max * T, sigma_min * T, int(num_steps)) / T
+    if get("use_dynamic_shifting", False):
+        if mu is None:
+            raise ValueError("the scheduler uses dynamic shifting (config.use_dynamic_shifting=True): pass mu=, "
+                             "e.g. diffusers' calculate_shift(image_seq_len, ...) as the pipelines do")
+        mu = float(mu)
+        if get("time_shift_type", "exponential") == "linear":
+            sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+        else:
+            sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+    else:
+        if mu is not None:
+            raise ValueError("mu= is only used with config.use_dynamic_shifting=True; this scheduler has a static "
+                             "shift (config.shift); drop mu")
+        shift = float(getattr(scheduler, "shift", get("shift", 1.0)))
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    terminal = get("shift_terminal", None)
+    if terminal:
+        if num_steps < 2:
+            raise ValueError("config.shift_terminal stretches the grid so that its last σ is shift_terminal; "
+                             "that needs num_steps >= 2 (diffusers itself gives NaN for 1)")
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - terminal))
+    return np.asarray(sigmas, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+class ContinuousSchedule(Schedule):
+    """A schedule on continuous noise levels σ_0 > … > σ_{N−1} > 0, plus the clean level σ_N = 0.
+
+    Built by :meth:`Schedule.from_sigmas`, :meth:`Schedule.karras` or
+    :meth:`Schedule.from_diffusers` (flow-matching schedulers). ``kind``:
+
+    - ``"flow"`` (rectified flow, SD3 / FLUX): x_σ = (1 − σ)·x0 + σ·z, σ ∈ (0, 1]
+      (σ_0 = 1, pure noise, allowed). The network returns the velocity v = dx/dσ
+      (``output = "velocity"``). Sampler coordinates y = x, τ = σ, f = v: scale = 1, tau = σ,
+      finite at σ = 1 where α = 1 − σ = 0 (MATH.md, "Flow matching").
+    - ``"ve"`` (EDM, k-diffusion): x = x0 + σ·z; scale = 1, tau = σ, f = ε.
+    - ``"vp"`` in k-diffusion's σ: x = α·x0 + α·σ·z, α = 1/sqrt(1 + σ²); scale = α, tau = σ, f = ε.
+
+    The network is called as ``fn(x, t)`` with ``t = model_time(level)``, that level's σ as a
+    0-dim float64 tensor. At the clean level (only DDIM inversion's first step evaluates the
+    network there) t = ``clean_sigma``: by default 0.0 for flows (v is finite at σ = 0 and
+    flow models are trained on [0, 1]) and σ_{N−1}, the last noisy level, for "ve"/"vp":
+    ε = (x − D(x; σ))/σ is 0/0 at σ = 0 for denoiser-parameterised (EDM) networks, whose
+    c_noise = ln(σ)/4 is −∞ there. Pass ``clean_sigma=0.0`` for an ε-network defined at 0.
+
+    Attributes (float64 CPU tensors of shape (N + 1,), indexed by level, unless noted):
+        sigmas: σ per level (σ_N = 0). timesteps: shape (N,), σ_0 … σ_{N−1}.
+        scale, tau: the samplers' coordinates y = x / scale, dy/dτ = f. H: shape (N,), tau steps > 0.
+        alpha, sigma: the physical signal and noise scales of x = alpha·x0 + sigma·z
+            (flow: 1 − σ and σ); alpha_bar = alpha², sigma_bar = sigma / alpha (inf at a flow's σ = 1).
+        kind: "flow" | "ve" | "vp". output: "velocity" (flow) or "eps".
+    """
+
+    def __init__(self, sigmas: Any, kind: str = "flow", *, clean_sigma: float | None = None) -> None:
+        if kind not in CONTINUOUS_KINDS:
+            raise ValueError(f"kind must be one of {CONTINUOUS_KINDS}; got {kind!r}")
+        s = _as_float64_array(sigmas, "sigmas")
+        if np.any(s <= 0):
+            bad = int(np.argmax(s <= 0))
+            raise ValueError(f"sigmas must be > 0 (the clean level σ = 0 is appended for you; drop a trailing 0, "
+                             f"e.g. pass scheduler.sigmas[:-1]); sigmas[{bad}] = {s[bad]!r}")
+        if s.size > 1 and np.any(np.diff(s) >= 0):
+            bad = int(np.argmax(np.diff(s) >= 0))
+            raise ValueError(f"sigmas must be strictly decreasing (noisiest first, no repeats); "
+                             f"sigmas[{bad}] = {s[bad]!r}, sigmas[{bad + 1}] = {s[bad + 1]!r}")
+        if kind == "flow" and s[0] > 1:
+            raise ValueError(f"flow sigmas must lie in (0, 1] (x = (1 − σ)·x0 + σ·z); sigmas[0] = {s[0]!r}. "
+                             "For diffusers' flow schedulers pass scheduler.sigmas[:-1] (σ), not scheduler.timesteps")
+        if clean_sigma is None:
+            clean = 0.0 if kind == "flow" else float(s[-1])
+        else:
+            clean = float(clean_sigma)
+            if not (math.isfinite(clean) and 0 <= clean <= s[-1]):
+                raise ValueError(f"clean_sigma must lie in [0, sigmas[-1]] = [0, {s[-1]!r}]; got {clean_sigma!r}")
+
+        full = np.concatenate([s, [0.0]])
+        self.kind = kind
+        self.output = "velocity" if kind == "flow" else "eps"
+        self.clean_sigma = clean
+        self.sigmas = torch.from_numpy(full)
+        self.timesteps = torch.from_numpy(s.copy())
+        if kind == "flow":
+            alpha = 1.0 - full
+            sigma = full.copy()
+            scale = np.ones_like(full)
+        elif kind == "ve":
+            alpha = np.ones_like(full)
+            sigma = full.copy()
+            scale = alpha
+        else:
+            alpha = 1.0 / np.sqrt(1.0 + full * full)
+            sigma = full * alpha
+            scale = alpha
+        with np.errstate(divide="ignore"):
+            sigma_bar = np.where(alpha > 0, sigma / np.where(alpha > 0, alpha, 1.0), np.inf)
+        if kind != "flow":
+            sigma_bar = full.copy()  # σ̄ = σ exactly, not σα/α rounded
+        self.alpha = torch.from_numpy(alpha)
+        self.sigma = torch.from_numpy(sigma)
+        self.alpha_bar = self.alpha**2
+        self.sigma_bar = torch.from_numpy(sigma_bar)
+        self.final_alpha_cumprod = 1.0
+        self.scale = torch.from_numpy(np.array(scale, dtype=np.float64))
+        self.tau = self.sigmas.clone()
+        self.H = self.tau[:-1] - self.tau[1:]
+        self.fingerprint = self._fingerprint()
+
+    @classmethod
+    def from_flow_match_scheduler(cls, scheduler: Any, num_steps: int = 50, *,
+                                  mu: float | None = None) -> "ContinuousSchedule":
+        """kind="flow" schedule on the σ of a diffusers flow-matching scheduler (:func:`flow_match_sigmas`)."""
+        return cls(flow_match_sigmas(scheduler, num_steps, mu=mu), "flow")
+
+    def timestep(self, level: int) -> float:
+        """σ at ``level`` as a Python float (``clean_sigma`` at the clean level N)."""
+        return self.clean_sigma if level == self.num_steps else float(self.timesteps[level])
+
+    def model_time(self, level: int) -> torch.Tensor:
+        """The ``t`` handed to the network at ``level``: σ as a 0-dim float64 tensor."""
+        return torch.tensor(self.timestep(level), dtype=torch.float64)
+
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha1()
+        digest.update(self.kind.encode())
+        digest.update(self.sigmas.numpy().tobytes())
+        digest.update(np.float64(self.clean_sigma).tobytes())
+        return digest.hexdigest()[:12]
+
+    def __repr__(self) -> str:
+        s = [f"{v:.6g}" for v in self.timesteps.tolist()]
+        shown = s if len(s) <= 6 else s[:3] + ["…"] + s[-2:]
+        return f"Schedule(kind={self.kind!r}, N={self.num_steps}, sigmas=[{', '.join(shown)}], clean_sigma={self.clean_sigma:g})"
