@@ -176,7 +176,8 @@ class FlowVelocity:
                 if v.shape[0] not in (1, batch):
                     raise ValueError(f"{name} has batch size {v.shape[0]} but x has batch size {batch}; pass "
                                      "batch 1 (broadcast) or the same batch size")
-                return v.expand(batch, *v.shape[1:]).to(device=self.device, dtype=self.dtype)
+                # contiguous: a broadcast (stride-0) batch can take another kernel than B real rows
+                return v.expand(batch, *v.shape[1:]).to(device=self.device, dtype=self.dtype).contiguous()
 
             out = {k: fit(v, k) for k, v in self.cond.items()}
             if self.guided:
