@@ -289,3 +289,20 @@ def test_flux_without_guidance_embedding(tmp_path) -> None:
     pe, pooled = flux.prompt_embeds(PROMPT)
     with pytest.raises(ValueError, match="no guidance embedding"):
         FluxVelocity(flux.transformer, pe, pooled, guidance=3.5)
+
+
+def test_from_folder_picks_the_helper(tiny_sd3_folder, tiny_flux_folder, tmp_path) -> None:
+    from belm.adapters import from_folder
+    from belm.adapters.auto import adapter_class
+
+    assert adapter_class(tiny_sd3_folder) is StableDiffusion3
+    assert adapter_class(tiny_flux_folder) is Flux
+    flux = from_folder(tiny_flux_folder, max_sequence_length=SEQ)
+    assert isinstance(flux, Flux) and flux.max_sequence_length == SEQ
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ValueError, match="KandinskyPipeline.*FluxPipeline"):
+        from_folder(odd)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        from_folder(tmp_path)

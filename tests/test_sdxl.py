@@ -110,8 +110,10 @@ def test_stock_sdxl_pipeline_with_belm_scheduler(tiny_sdxl_folder) -> None:
 
 
 def test_sdxl_folder_errors(tiny_sdxl_folder, tmp_path) -> None:
+    from belm.adapters.auto import adapter_class
+
     sdxl = _sdxl(tiny_sdxl_folder)
-    assert isinstance(sdxl, StableDiffusion)
+    assert isinstance(sdxl, StableDiffusion) and adapter_class(tiny_sdxl_folder) is StableDiffusionXL
     copy = tmp_path / "sdxl"
     shutil.copytree(tiny_sdxl_folder, copy)
     shutil.rmtree(copy / "tokenizer_2")

@@ -10,6 +10,7 @@
   transformers (SD3: CFG batched; FLUX: packed latents, ids, guidance embedding);
   :class:`StableDiffusion3`, :class:`Flux`: pipeline helpers (encode / decode,
   ``velocity(prompt=...)``, ``schedule(num_steps)`` on the pipeline's flow grid).
+- :func:`from_folder`: the right helper for a local pipeline folder (by model_index.json).
 - :class:`BELMScheduler`, :class:`BELMInverseScheduler`: O-BELM / BDIA / DDIM as diffusers
   schedulers for stock pipelines (imported lazily; they need diffusers).
 
@@ -19,6 +20,7 @@ imported lazily (only when a folder is loaded or an image is read).
 
 from typing import Any
 
+from belm.adapters.auto import from_folder
 from belm.adapters.eps import PREDICTION_TYPES, DiffusersEps, to_epsilon
 from belm.adapters.flow import FlowVelocity, FluxVelocity, SD3Velocity
 from belm.adapters.flux import Flux
@@ -28,7 +30,7 @@ from belm.adapters.stable_diffusion import StableDiffusion
 
 __all__ = ["PREDICTION_TYPES", "DiffusersEps", "StableDiffusion", "to_epsilon",
            "StableDiffusionXL", "StableDiffusion3", "Flux", "FlowVelocity", "SD3Velocity", "FluxVelocity",
-           "BELMScheduler", "BELMInverseScheduler"]
+           "from_folder", "BELMScheduler", "BELMInverseScheduler"]
 
 _LAZY = ("BELMScheduler", "BELMInverseScheduler")
 
