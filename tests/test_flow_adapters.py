@@ -222,6 +222,18 @@ def test_latents_use_the_vae_shift_and_scaling(tiny_sd3_folder, tiny_flux_folder
         assert torch.allclose(helper.decode_tensor(z), ref, rtol=0, atol=1e-6)
 
 
+def test_images_are_cropped_to_whole_patches(tiny_sd3_folder, tiny_flux_folder) -> None:
+    """FLUX packs 2×2 latent patches: a 22×30 image is cropped to 20×28 (multiples of 2·f = 4), a
+    (10, 14) latent that packs; SD3 (patch side 1) keeps multiples of f = 2: a (11, 15) latent."""
+    img = torch.rand(1, 3, 22, 30, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    flux, sd3 = _flux(tiny_flux_folder), _sd3(tiny_sd3_folder)
+    assert flux.pixel_multiple == 4 and sd3.pixel_multiple == 2
+    z = flux.encode(img)
+    assert z.shape == (1, 4, 10, 14)
+    assert flux.velocity(PROMPT)(z, torch.tensor(0.5, dtype=torch.float64)).shape == z.shape
+    assert sd3.encode(img).shape == (1, 4, 11, 15)
+
+
 def test_pack_unpack_are_exact_inverses() -> None:
     x = _noise((2, 3, 6, 4), seed=7)
     packed = pack_latents(x)

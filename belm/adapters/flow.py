@@ -259,8 +259,11 @@ class SD3Velocity(FlowVelocity):
                   "pooled_projections": _check_states(uncond_pooled_projections, "uncond_pooled_projections", 2)}
         super().__init__(transformer, cond, uncond, guidance_scale=guidance_scale,
                          num_train_timesteps=num_train_timesteps, check_finite=check_finite)
-        in_channels = getattr(getattr(transformer, "config", None), "in_channels", None)
+        config = getattr(transformer, "config", None)
+        in_channels = getattr(config, "in_channels", None)
         self.in_channels: int | None = in_channels if isinstance(in_channels, int) else None
+        patch = getattr(config, "patch_size", 1)
+        self.patch_size: int = patch if isinstance(patch, int) and patch > 0 else 1
 
     def _model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma * self.num_train_timesteps  # float32, as scheduler.timesteps
@@ -269,6 +272,10 @@ class SD3Velocity(FlowVelocity):
         if self.in_channels is not None and x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but the transformer expects in_channels="
                              f"{self.in_channels}; pass latents of shape (B, {self.in_channels}, h, w)")
+        if x.shape[2] % self.patch_size or x.shape[3] % self.patch_size:
+            raise ValueError(f"x has latent size {tuple(x.shape[2:])} but the transformer's patch side is "
+                             f"{self.patch_size}; h and w must be multiples of it (crop the image to a "
+                             "multiple of vae_factor × patch_size)")
         return _output(self.model(hidden_states=x, timestep=timestep, return_dict=False, **cond))
 
 

@@ -42,6 +42,11 @@ class Flux(FlowPipelineAdapter):
         super().__init__(pipeline, max_sequence_length=max_sequence_length)
         self.guidance_embeds = bool(getattr(self.transformer.config, "guidance_embeds", False))
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides are cropped to multiples of 2 × VAE factor (latents are packed in 2×2 patches)."""
+        return 2 * self.vae_factor
+
     def _encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         pe, pooled, _text_ids = self.pipeline.encode_prompt(
             prompt=prompt, prompt_2=None, device=self.pipeline._execution_device,

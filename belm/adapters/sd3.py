@@ -22,6 +22,7 @@ import torch
 
 from belm.adapters.flow import SD3Velocity
 from belm.adapters.folders import cast_pipeline, check_pipeline, load_pipeline_folder
+from belm.adapters.images import ImageInput, to_tensor
 from belm.adapters.stable_diffusion import StableDiffusion
 
 __all__ = ["FlowPipelineAdapter", "StableDiffusion3"]
@@ -81,6 +82,16 @@ class FlowPipelineAdapter(StableDiffusion):
             check_pipeline(pipe, cls.COMPONENTS, cls.LABEL)
         cast_pipeline(pipe, dtype, device)
         return cls(pipe, max_sequence_length=max_sequence_length)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides are cropped to multiples of this: VAE factor × the transformer's patch side."""
+        return self.vae_factor * int(getattr(self.transformer.config, "patch_size", 1) or 1)
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """Image input(s) -> (B, 3, H, W) float32 in [-1, 1], H and W center-cropped down to
+        multiples of :attr:`pixel_multiple` (the latent must tile into the transformer's patches)."""
+        return to_tensor(image, multiple=self.pixel_multiple)
 
     def velocity(self, prompt: str | list[str] = "", guidance_scale: float = 1.0,
                  negative_prompt: str | list[str] | None = "") -> Any:
