@@ -130,7 +130,8 @@ class StableDiffusionXL(StableDiffusion):
         cast_pipeline(pipe, dtype, device)
         return cls(pipe)
 
-    def prompt_embeds(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,  # type: ignore[override]
+    def prompt_embeds(self, prompt: str | list[str],  # type: ignore[override]
+                      negative_prompt: str | list[str] | None = None,
                       guided: bool = False) -> tuple[torch.Tensor, ...]:
         """``StableDiffusionXLPipeline.encode_prompt``: (embeds, negative embeds, pooled, negative pooled).
 
