@@ -49,7 +49,7 @@ def test_unstable_rule_is_refused_with_its_roots():
     with pytest.raises(UnstableRuleError, match=r"not zero-stable.*-9\.89"):
         BELM(ref.nonlinear_eps, sched, k=3)
     s = BELM(ref.nonlinear_eps, sched, k=3, allow_unstable=True, progress=False)
-    assert s.steps == 3
+    assert s.num_states == 3
     with pytest.raises(ValueError, match="free parameters"):
         BELM(ref.nonlinear_eps, sched, rule=derive_belm(3, order=2))
     with pytest.raises(ValueError, match="k must be an integer >= 2"):

@@ -79,7 +79,7 @@ def test_three_step_round_trips_are_exact(name, N):
     for betas, spacing in ROUND_TRIP_GRIDS:
         sched = Schedule.from_betas(betas, N, spacing)
         s = make_sampler(name, ref.nonlinear_eps, sched, progress=False)
-        assert s.steps == 3
+        assert s.num_states == 3
         lat = s.invert(x0)
         assert len(lat.states) == 3
         err = (s.sample(lat) - x0).abs().max().item()

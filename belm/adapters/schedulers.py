@@ -6,14 +6,13 @@ Drop-in for stock diffusers pipelines::
     pipe.scheduler = BELMScheduler.from_config(pipe.scheduler.config, method="bdia", gamma=0.96)
     latents = pipe(prompt, num_inference_steps=50, output_type="latent").images
 
-These classes hold no formula of their own: ``set_timesteps(N)`` builds the belm
-:class:`~belm.schedule.Schedule` ``Schedule.from_diffusers(self, N)``, instantiates the belm
-sampler of ``config.method`` on it (:class:`~belm.solvers.OBELM`, :class:`~belm.solvers.BDIA`
-or :class:`~belm.solvers.DDIM`), and advances with that sampler's own
-:meth:`~belm.solvers.MultistepSampler.produce` (sampling) and
-:meth:`~belm.solvers.MultistepSampler.recover` (inversion), the very functions its
-``sample`` and ``invert`` loops call. The model output is converted to ε with
-:func:`~belm.adapters.eps.to_epsilon`.
+These classes hold no formula and no stepping rule of their own: ``set_timesteps(N)`` builds
+the belm :class:`~belm.schedule.Schedule` ``Schedule.from_diffusers(self, N)``, instantiates
+the belm sampler of ``config.method`` on it (:class:`~belm.solvers.OBELM`,
+:class:`~belm.solvers.BDIA` or :class:`~belm.solvers.DDIM`), and each ``step`` hands the
+pipeline's network output to that sampler's :class:`~belm.solvers.chain.MultistepChain` and
+advances (sampling) or retreats (inversion) it: the same chain its ``sample`` and ``invert``
+loops drive. The model output is converted to ε with :func:`~belm.adapters.eps.to_epsilon`.
 
 Which schedule: after ``set_timesteps(N)``, ``scheduler.schedule`` equals
 ``Schedule.from_diffusers(scheduler, N)``, i.e. ``Schedule(scheduler.alphas_cumprod,
@@ -54,8 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 from belm.adapters.eps import PREDICTION_TYPES, to_epsilon
 from belm.errors import LatentMismatchError
 from belm.schedule import SPACINGS, Schedule
-from belm.solvers import BDIA, DDIM, OBELM, Latent
-from belm.solvers.multistep import MultistepSampler
+from belm.solvers import BDIA, DDIM, OBELM, Latent, MultistepChain, MultistepSampler
 
 __all__ = ["BELMScheduler", "BELMInverseScheduler", "BELMSchedulerOutput", "METHODS"]
 
@@ -88,6 +86,11 @@ def _same(a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
 
 def _unused_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("the scheduler's internal belm sampler never calls the network; the pipeline does")
+
+
+def _no_network(x: torch.Tensor, level: int) -> torch.Tensor:
+    raise RuntimeError(f"the chain needs the network output at level {level}, which the pipeline did not "
+                       "give: call step() once per entry of scheduler.timesteps, in order")
 
 
 class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
@@ -148,6 +151,8 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
         self._pending: Optional[Latent] = None
+        self._chain: Optional[MultistepChain] = None
+        self._returned: Optional[torch.Tensor] = None
         self._reset()
 
     def _reset(self) -> None:
@@ -171,9 +176,12 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
         return schedule
 
     @property
-    def steps(self) -> int:
+    def num_states(self) -> int:
         """k, the number of states the method couples (2 for O-BELM and BDIA, 1 for DDIM)."""
-        return METHODS[self.config.method].steps
+        return METHODS[self.config.method].num_states
+
+    def _chain_dtype(self, sample: torch.Tensor) -> None:
+        self.sampler.state_dtype = self._state_dtype(sample)
 
     @property
     def step_index(self) -> Optional[int]:
@@ -272,18 +280,14 @@ class BELMScheduler(_BELMSchedulerBase):
     spacing; for "linspace" (e.g. N = 50, T = 1000: 999 → 979 instead of 978) and "trailing"
     with T % N ≠ 0 every step lands off the grid, so the next network call is made at a
     timestep that does not match the sample's noise level. BELMScheduler indexes the grid by
-    position: each step goes from level k to level k+1 of ``schedule``. (On the tiny test UNet,
-    float64, N = 50 "linspace": diffusers' DDIM differs from belm's DDIM by 5e-2 relative, while
-    belm matches a per-level DDIM to 1e-15 and diffusers matches one stepping to t − T//N;
-    with "leading" spacing the two agree to 5e-8. See tests/test_schedulers.py.)
+    position: each step goes from level k to level k+1 of ``schedule`` (the measured difference is in
+    benchmarks/RESULTS.md, "diffusers' off-grid DDIM step"; tests/test_schedulers.py checks it).
     """
 
     def _reset(self) -> None:
         self._step_index = None
-        self._window: list[torch.Tensor] = []     # float64 states, window[-1] is the current one
-        self._eps: dict[int, torch.Tensor] = {}   # ε by level
-        self._chain_start = 0
-        self._returned: Optional[torch.Tensor] = None
+        self._chain = None
+        self._returned = None
 
     @property
     def begin_index(self) -> Optional[int]:
@@ -330,12 +334,12 @@ class BELMScheduler(_BELMSchedulerBase):
         self._pending = latent
 
     def _check_latent(self, latent: Latent) -> None:
-        if latent.method != self.sampler.name or latent.schedule != self.schedule.fingerprint:
+        try:
+            self.sampler.check_latent(latent)
+        except LatentMismatchError as exc:
             self._pending = None
-            raise LatentMismatchError(
-                f"the latent was produced by {latent.method} on a schedule with fingerprint {latent.schedule}; this "
-                f"scheduler runs {self.sampler.name} on {self.schedule!r} (fingerprint {self.schedule.fingerprint}). "
-                "Use the same method, config and num_inference_steps as the inversion")
+            raise LatentMismatchError(f"{exc}. Use the same method, config and num_inference_steps as the "
+                                      "inversion") from None
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              eta: float = 0.0, use_clipped_model_output: bool = False, generator: Any = None,
@@ -356,14 +360,11 @@ class BELMScheduler(_BELMSchedulerBase):
         self._require_timesteps()
         self._check_sample(sample)
         self._check_eta(eta, variance_noise)
-        k = self.steps
         if self._step_index is None:
             self._step_index = self._begin_index or 0
-            self._chain_start = self._step_index
         level = self._step_index
         t = self._check_timestep(timestep, level)
-        state_dtype = self._state_dtype(sample)
-        seeded = False
+        self._chain_dtype(sample)
         if self._pending is not None:
             latent, self._pending = self._pending, None
             if level != 0:
@@ -374,38 +375,27 @@ class BELMScheduler(_BELMSchedulerBase):
                 raise ValueError(f"start_from: the run's first sample (shape {tuple(sample.shape)}) is not the "
                                  f"seeded latent's x (shape {tuple(latent.states[0].shape)}); pass "
                                  "latents=latent.x to the pipeline")
-            self._window = [s.to(device=sample.device, dtype=state_dtype) for s in latent.states]
-            seeded = True
-        elif _same(sample, self._returned):
-            pass  # the pipeline handed back what we returned: continue with the exact state
-        else:
-            x_new = sample.to(state_dtype)
-            if self._window and x_new.shape != self._window[-1].shape:
+            moved = latent.replace(states=[s.to(sample.device) for s in latent.states])
+            self._chain = self.sampler.chain_from_latent(moved, _no_network)
+        elif self._chain is None:
+            self._chain = self.sampler.chain_from_noise(sample, level, _no_network)
+        elif not _same(sample, self._returned):
+            # Changed by the caller (e.g. a callback): continue from what we were given.
+            current = self._chain.x(level)
+            if sample.shape != current.shape:
                 raise ValueError(f"sample has shape {tuple(sample.shape)} but the previous state has "
-                                 f"{tuple(self._window[-1].shape)}; the batch/latent shape cannot change in a run")
-            if self._window:
-                self._window[-1] = x_new
-            else:
-                self._window = [x_new]
-        x = self._window[-1] if not seeded else self._window[0]
+                                 f"{tuple(current.shape)}; the batch/latent shape cannot change in a run")
+            self._chain.replace(level, sample.to(current.dtype))
+        chain = self._chain
+        x = chain.x(level)
         eps = self._epsilon(model_output, x, t)
-        n = level + 1
-        if seeded and len(self._window) > 1:
-            x_n = self._window[1]                 # the inverted pair already holds level 1
-            self._window = self._window[:2]
-        else:
-            self._eps[level] = eps
-            window = self._window               # window[-j] is x_{n−j}
-            x_n = self.sampler.produce(n, min(k, n - self._chain_start), lambda lv: window[lv - n],
-                                       self._eps.__getitem__)
-            self._window.append(x_n)
-        del self._window[:-k]
-        for old in [lv for lv in self._eps if lv < n - k + 1]:
-            del self._eps[old]
-        self._step_index = n
-        prev_sample = x_n.to(sample.dtype)
-        self._returned = prev_sample
         x0 = self._x0(x, eps, level, sample.dtype)
+        if chain.hi == level:               # a seeded latent already holds level 1
+            chain.supply(level, eps)
+            chain.advance()
+        self._step_index = level + 1
+        prev_sample = chain.x(level + 1).to(sample.dtype, copy=True)
+        self._returned = prev_sample
         if not return_dict:
             return (prev_sample, x0)
         return BELMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -448,9 +438,8 @@ class BELMInverseScheduler(_BELMSchedulerBase):
 
     def _reset(self) -> None:
         self._step_index = None
-        self._states: dict[int, torch.Tensor] = {}
-        self._eps: dict[int, torch.Tensor] = {}
-        self._returned: Optional[torch.Tensor] = None
+        self._chain = None
+        self._returned = None
         self._input_dtype: Optional[torch.dtype] = None
         self.to_level = 0
 
@@ -462,32 +451,28 @@ class BELMInverseScheduler(_BELMSchedulerBase):
         self._require_timesteps()
         self._check_sample(sample)
         self._check_eta(eta, variance_noise)
-        N, k = self.num_inference_steps, self.steps
+        N = self.num_inference_steps
         if self._step_index is None:
             self._step_index = 0
-            self._states = {N: sample.to(self._state_dtype(sample))}
+            self._chain_dtype(sample)
+            self._chain = self.sampler.chain_from_clean(sample, _no_network)
             self._input_dtype = sample.dtype
         i = self._step_index
         t = self._check_timestep(timestep, i)
         current = N - i                    # level of `sample`
-        L = current - 1                    # level produced
+        chain = self._chain
         if i > 0 and not _same(sample, self._returned):
-            x_new = sample.to(self._states[current])
-            if x_new.shape != self._states[current].shape:
+            x_new = sample.to(chain.x(current))
+            if x_new.shape != chain.x(current).shape:
                 raise ValueError(f"sample has shape {tuple(sample.shape)} but the previous state has "
-                                 f"{tuple(self._states[current].shape)}; the shape cannot change in a run")
-            self._states[current] = x_new   # modified by the caller: continue from what we were given
-        states = self._states
-        eps = self._epsilon(model_output, states[current], t)
-        self._eps[current] = eps
-        states[L] = self.sampler.recover(L, min(k, N - L), states.__getitem__, self._eps.__getitem__)
-        x0 = self._x0(states[current], eps, current, sample.dtype)
-        for level in [lv for lv in states if lv >= L + k]:
-            del states[level]
-        for level in [lv for lv in self._eps if lv >= L + k]:
-            del self._eps[level]
+                                 f"{tuple(chain.x(current).shape)}; the shape cannot change in a run")
+            chain.replace(current, x_new)   # modified by the caller: continue from what we were given
+        eps = self._epsilon(model_output, chain.x(current), t)
+        x0 = self._x0(chain.x(current), eps, current, sample.dtype)
+        chain.supply(current, eps)
+        chain.retreat()
         self._step_index = i + 1
-        prev_sample = states[L].to(sample.dtype)
+        prev_sample = chain.x(current - 1).to(sample.dtype, copy=True)
         self._returned = prev_sample
         if not return_dict:
             return (prev_sample, x0)
@@ -503,6 +488,4 @@ class BELMInverseScheduler(_BELMSchedulerBase):
             done = self._step_index or 0
             raise RuntimeError(f"the inversion is not finished ({done} of {total} steps); run step() for every "
                                "entry of scheduler.timesteps first")
-        N, k, L = self.num_inference_steps, self.steps, self.to_level
-        kept = [self._states[level] for level in range(L, min(L + k, N + 1))]
-        return Latent(tuple(kept), L, self.sampler.name, self.schedule.fingerprint, self._input_dtype)
+        return self.sampler.to_latent(self._chain, self._input_dtype)

@@ -17,7 +17,7 @@ import torch
 from belm.errors import UnstableRuleError
 from belm.schedule import Schedule
 from belm.solvers.multistep import MultistepSampler
-from belm.solvers.relation import Relation
+from belm.solvers.relation import Relation, empty_tables
 
 __all__ = ["BELM", "rule_relation"]
 
@@ -25,8 +25,7 @@ __all__ = ["BELM", "rule_relation"]
 def rule_relation(rule: Any, schedule: Schedule, name: Optional[str] = None) -> Relation:
     """The :class:`Relation` of a derived rule (no free parameters) on ``schedule``."""
     k, N = rule.k, schedule.num_steps
-    a = torch.full((N + 1, k), float("nan"), dtype=torch.float64)
-    c = a.clone()
+    a, c = empty_tables(schedule, k)
     if N >= k:
         H = schedule.H.numpy()
         n = np.arange(k, N + 1)
@@ -74,7 +73,7 @@ class BELM(MultistepSampler):
                 f"(or repeated on it) for sampling {fwd or 'none'}, for inversion {inv or 'none'} "
                 f"(forward roots {list(rule.roots('forward'))}). Pass allow_unstable=True to build it anyway")
         self.rule = rule
-        self.steps = rule.k
+        self.num_states = rule.k
         super().__init__(eps_fn, schedule, **kwargs)
 
     @property
@@ -83,6 +82,6 @@ class BELM(MultistepSampler):
 
     def relation(self, m: int) -> Relation:
         from belm.lte import derive_belm
-        if m == self.steps:
+        if m == self.num_states:
             return rule_relation(self.rule, self.schedule, self.name)
         return rule_relation(derive_belm(m), self.schedule)

@@ -1,102 +1,139 @@
 """EDICT (Wallace et al. 2023): two coupled DDIM chains, x and y, mixed with weight p.
 
 One step from level n−1 to n is four shears of the register pair (x, y), with the DDIM
-coefficients a = alpha_n/alpha_{n−1} and b = sigma_n − sigma_{n−1}·a::
+coefficients a = scale_n/scale_{n−1} and b = C of DDIM's relation (in x coordinates)::
 
-    x ← a·x + b·ε(y)      y ← a·y + b·ε(x)      x ← p·x + (1−p)·y      y ← p·y + (1−p)·x
+    x ← a·x + b·f(y)      y ← a·y + b·f(x)      x ← p·x + (1−p)·y      y ← p·y + (1−p)·x
 
-Sampling applies them in order; inversion undoes them in reverse order with
-:func:`~belm.solvers.relation.unshear`. Two network calls per step in both directions.
-The inverse divides by p twice per step, so rounding grows like p^−2N.
+Sampling applies them in order; inversion undoes them in reverse order. Two network calls
+per step in both directions. The inverse divides by p twice per step, so rounding grows
+like p^−2N.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from belm.schedule import Schedule
-from belm.solvers.base import Callback, Latent, Sampler, check_tensor
-from belm.solvers.multistep import ddim_relation
-from belm.solvers.relation import shear, unshear
+from belm.solvers.base import Latent, Sampler
+from belm.solvers.chain import Chain, Network
+from belm.solvers.relation import ddim_relation
 
-__all__ = ["EDICT"]
+__all__ = ["EDICT", "EDICTChain", "Shear"]
 
 X, Y = 0, 1
 
 
 class Shear(NamedTuple):
-    """register[target] ← keep·register[target] + mix·register[other] + eps_coef·ε(register[other])."""
+    """register[target] ← keep·register[target] + mix·register[other] + f_coef·f(register[other])."""
 
     target: int
     keep: float
     mix: float
-    eps_coef: float
+    f_coef: float
 
     @property
     def other(self) -> int:
         return 1 - self.target
 
 
+class EDICTChain(Chain):
+    """The (x, y) register pair of EDICT at one level; steps are the four shears."""
+
+    def __init__(self, shears: Sequence[Optional[tuple[Shear, ...]]], network: Network,
+                 registers: list[torch.Tensor], level: int) -> None:
+        self.shears, self.network, self.registers, self.level = shears, network, registers, level
+        self.last_f = None
+
+    @property
+    def lo(self) -> int:  # type: ignore[override]
+        return self.level
+
+    @property
+    def hi(self) -> int:  # type: ignore[override]
+        return self.level
+
+    def x(self, level: int) -> torch.Tensor:
+        if level != self.level:
+            raise KeyError(f"the EDICT chain holds level {self.level} only; asked for {level}")
+        return self.registers[X]
+
+    def window(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.registers)
+
+    def _f_term(self, op: Shear, level: int) -> list[tuple[float, torch.Tensor]]:
+        if op.f_coef == 0.0:
+            return []
+        self.last_f = self.network(self.registers[op.other], level)
+        return [(op.f_coef, self.last_f)]
+
+    def advance(self) -> None:
+        n = self.level + 1
+        regs = self.registers
+        for op in self.shears[n]:
+            terms = [(op.mix, regs[op.other])] + self._f_term(op, n - 1)
+            out = regs[op.target].mul_(op.keep) if not torch.is_grad_enabled() else regs[op.target].mul(op.keep)
+            for coef, term in terms:
+                if coef != 0.0:
+                    out.add_(term, alpha=coef)
+            regs[op.target] = out
+        self.level = n
+
+    def retreat(self) -> None:
+        n = self.level
+        regs = self.registers
+        for op in reversed(self.shears[n]):
+            terms = [(op.mix, regs[op.other])] + self._f_term(op, n - 1)
+            out = regs[op.target] if not torch.is_grad_enabled() else regs[op.target].clone()
+            for coef, term in terms:
+                if coef != 0.0:
+                    out.sub_(term, alpha=coef)
+            regs[op.target] = out.div_(op.keep)
+        self.level = n - 1
+
+
 class EDICT(Sampler):
     """EDICT with mixing weight p ∈ (0, 1) (0.93 is the common default). The x branch is the output."""
 
-    steps = 2
+    num_states = 2
 
     def __init__(self, eps_fn, schedule: Schedule, p: float = 0.93, **kwargs) -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1 or not math.isfinite(p):
             raise ValueError(f"p must lie in (0, 1); got {p!r}. p = 0.93 is the usual choice")
         self.p = float(p)
         super().__init__(eps_fn, schedule, **kwargs)
-        A, C = ddim_relation(self.schedule).in_x()
+        rows = ddim_relation(self.schedule).in_x()
         q = 1.0 - self.p
-        self._shears = [None] + [
-            (Shear(X, A[n][0], 0.0, C[n][0]), Shear(Y, A[n][0], 0.0, C[n][0]),
+        self.shears: list[Optional[tuple[Shear, ...]]] = [None] + [
+            (Shear(X, rows.A[n][0], 0.0, rows.C[n][0]), Shear(Y, rows.A[n][0], 0.0, rows.C[n][0]),
              Shear(X, self.p, q, 0.0), Shear(Y, self.p, q, 0.0))
             for n in range(1, self.schedule.num_steps + 1)]
 
     @property
     def name(self) -> str:
-        return f"EDICT(p={self.p:g})"
+        return f"EDICT(p={self.p!r})"
 
-    exact = True
+    @property
+    def invertible(self) -> bool:
+        return True
 
-    def _terms(self, op: Shear, registers: list, eps_of, level: int) -> list:
-        terms = [(op.mix, registers[op.other])]
-        if op.eps_coef != 0.0:
-            terms.append((op.eps_coef, eps_of(registers[op.other], level)))
-        return terms
-
-    def sample(self, x: torch.Tensor | Latent, *, from_level: int = 0,
-               callback: Optional[Callback] = None) -> torch.Tensor:
+    def _growth_hint(self) -> str:
         N = self.schedule.num_steps
-        # A latent holds the (x, y) pair; a noisy tensor starts both branches.
-        registers, start, out_dtype, device = self._begin(x, from_level, lambda level: 2)
-        if len(registers) == 1:
-            registers = registers * 2
-        eps_of = self._network(self.model_dtype or out_dtype)
-        for n in self._bar(range(start + 1, N + 1), "sample", N - start):
-            for op in self._shears[n]:
-                registers[op.target] = shear(op.keep, registers[op.target],
-                                             self._terms(op, registers, eps_of, n - 1))
-            if callback is not None:
-                callback({"level": n, "timestep": self.schedule.timestep(n), "x": registers[X],
-                          "eps": None, "direction": "sample"})
-        return registers[X].to(device=device, dtype=out_dtype)
+        return (f"EDICT's inversion divides by p twice per step, so its state grows like p^-2N "
+                f"(p = {self.p!r}, N = {N}: 10^{2 * N * math.log10(1 / self.p):.1f}; float64 round trips stay exact up to "
+                f"N ≈ {int(math.log(1e7) / (-2 * math.log(self.p)))})")
 
-    def invert(self, x0: torch.Tensor, *, to_level: int = 0, callback: Optional[Callback] = None) -> Latent:
-        check_tensor(x0, "x0")
-        N = self.schedule.num_steps
-        to_level = self._level_arg(to_level, "to_level")
-        eps_of = self._network(self.model_dtype or x0.dtype)
-        registers = [x0.to(self.state_dtype)] * 2
-        for n in self._bar(range(N, to_level, -1), "invert", N - to_level):
-            for op in reversed(self._shears[n]):
-                registers[op.target] = unshear(op.keep, registers[op.target],
-                                               self._terms(op, registers, eps_of, n - 1))
-            if callback is not None:
-                callback({"level": n - 1, "timestep": self.schedule.timestep(n - 1), "x": registers[X],
-                          "eps": None, "direction": "invert"})
-        return self._make_latent(registers, to_level, x0.dtype)
+    def chain_from_noise(self, x: torch.Tensor, level: int, network: Optional[Network] = None) -> Chain:
+        network = network or self.network(self.model_dtype or x.dtype)
+        return EDICTChain(self.shears, network, [self._owned(x), self._owned(x)], level)
+
+    def chain_from_clean(self, x0: torch.Tensor, network: Optional[Network] = None) -> Chain:
+        network = network or self.network(self.model_dtype or x0.dtype)
+        return EDICTChain(self.shears, network, [self._owned(x0), self._owned(x0)], self.schedule.num_steps)
+
+    def chain_from_latent(self, latent: Latent, network: Optional[Network] = None) -> Chain:
+        network = network or self.network(self.model_dtype or latent.dtype)
+        return EDICTChain(self.shears, network, [self._owned(s) for s in latent.states], latent.level)

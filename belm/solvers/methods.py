@@ -1,11 +1,12 @@
 """DDIM, BDIA and O-BELM: each is its coefficient rule; the engine does the rest.
 
-All rules are written in rescaled coordinates (x̄ = x/alpha, σ̄ = sigma/alpha) and level
-indexing: the member producing level n from levels n−2 (p), n−1 (t) reads
+All rules are written in the schedule's ODE coordinates (y = x / scale, τ; for VP diffusion
+y = x̄ = x/alpha, τ = σ̄ = sigma/alpha) and level indexing: the member producing level n from
+levels n−2 (p), n−1 (t) reads
 
-    x̄_n = a_1 · x̄_{n−1} + a_2 · x̄_{n−2} + c_1 · ε(x_{n−1}),    H_t = H[n−1], H_p = H[n−2]
+    y_n = a_1 · y_{n−1} + a_2 · y_{n−2} + c_1 · f(x_{n−1}),    H_t = H[n−1], H_p = H[n−2]
 
-See MATH.md for the formulas and their derivation.
+See docs/math.md for the formulas and their derivation.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ import torch
 
 from belm.schedule import Schedule
 from belm.solvers.multistep import MultistepSampler
-from belm.solvers.relation import Relation
+from belm.solvers.relation import Relation, empty_tables
 
 __all__ = ["DDIM", "BDIA", "OBELM", "obelm_relation", "bdia_relation"]
 
 
 def _two_step_tables(schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty (N+1, 2) tables plus H_t, H_p for rows n = 2 … N."""
-    N = schedule.num_steps
-    a = torch.full((N + 1, 2), float("nan"), dtype=torch.float64)
-    H = schedule.H
-    return a, a.clone(), H[1:N], H[0:N - 1]
+    N, H = schedule.num_steps, schedule.H
+    a, c = empty_tables(schedule, 2)
+    return a, c, H[1:N], H[0:N - 1]
 
 
 def obelm_relation(schedule: Schedule) -> Relation:
@@ -44,18 +44,18 @@ def obelm_relation(schedule: Schedule) -> Relation:
 
 
 def bdia_relation(schedule: Schedule, gamma: float) -> Relation:
-    """BDIA(γ): x_{n} = γ·(x_{n−2} − D(x_{n−1}; n−1→n−2)) + D(x_{n−1}; n−1→n), in x̄ form.
+    """BDIA(γ): x_{n} = γ·(x_{n−2} − D(x_{n−1}; n−1→n−2)) + D(x_{n−1}; n−1→n), in y form.
 
-    With g = γ · alpha_{n−2}/alpha_n: a_2 = g, a_1 = 1 − g, c_1 = −H_t − g · H_p.
+    With g = γ · scale_{n−2}/scale_n: a_2 = g, a_1 = 1 − g, c_1 = −H_t − g · H_p.
     """
     a, c, Ht, Hp = _two_step_tables(schedule)
-    alpha = schedule.alpha
-    g = gamma * alpha[0:-2] / alpha[2:]
+    scale = schedule.scale
+    g = gamma * scale[0:-2] / scale[2:]
     a[2:, 0] = 1.0 - g
     a[2:, 1] = g
     c[2:, 0] = -Ht - g * Hp
     c[2:, 1] = 0.0
-    return Relation(f"BDIA(gamma={gamma:g})", 2, a, c, schedule)
+    return Relation(f"BDIA(gamma={gamma!r})", 2, a, c, schedule)
 
 
 class DDIM(MultistepSampler):
@@ -65,7 +65,7 @@ class DDIM(MultistepSampler):
     error is O(h) per step and is reported, never hidden.
     """
 
-    steps = 1
+    num_states = 1
 
 
 class OBELM(MultistepSampler):
@@ -74,7 +74,7 @@ class OBELM(MultistepSampler):
     ``exact="bitwise"`` selects the integer-lattice velocity form (see :mod:`belm.solvers.bitwise`).
     """
 
-    steps = 2
+    num_states = 2
 
     def relation(self, m: int) -> Relation:
         return obelm_relation(self.schedule)
@@ -86,7 +86,7 @@ class BDIA(MultistepSampler):
     Inversion divides by γ every step: float rounding grows like γ^−N (see the README).
     """
 
-    steps = 2
+    num_states = 2
 
     def __init__(self, eps_fn, schedule: Schedule, gamma: float = 1.0, **kwargs) -> None:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1 \
@@ -97,7 +97,14 @@ class BDIA(MultistepSampler):
 
     @property
     def name(self) -> str:
-        return f"BDIA(gamma={self.gamma:g})"
+        return f"BDIA(gamma={self.gamma!r})"
+
+    def _growth_hint(self) -> str:
+        if self.gamma == 1.0:
+            return ""
+        N = self.schedule.num_steps
+        return (f"BDIA's inversion divides by gamma every step, so its state grows like gamma^-N "
+                f"(gamma = {self.gamma!r}, N = {N}: 10^{N * math.log10(1 / self.gamma):.1f})")
 
     def relation(self, m: int) -> Relation:
         return bdia_relation(self.schedule, self.gamma)

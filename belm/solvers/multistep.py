@@ -1,156 +1,89 @@
-"""The engine shared by DDIM, BDIA, O-BELM and BELM(k): linear multistep relations.
+"""Linear multistep samplers (DDIM, BDIA, O-BELM, BELM(k)): members as data, one chain.
 
-A method of k steps is given by its *members* m = 1 … k: relations producing level n from
-the m previous levels (:class:`~belm.solvers.relation.Relation`). Member 1 is always DDIM.
-Member k is the method itself; members 1 … k−1 start the chain up.
-
-Sampling from a tensor at level s uses member min(k, n − s) to produce level n (so step 0
-is a DDIM step). Inversion from the clean level N first obtains the k − 1 states next to
-it with the start-up members (member j produces level N from levels N−j … N−1 and is solved
-for x_{N−j}; member 1 is DDIM inversion, which evaluates ε at the *known* cleaner point
-because the relation needs it at the unknown one), then solves member k for its noisiest
-state, down to the requested level. The latent holds the k states x_s … x_{s+k−1}, so
-sampling it re-runs exactly the relations inversion solved: exact reconstruction.
-Network calls: sample N, invert N, sample(latent) N − 1 (ε at levels 1 … N−1) for k ≥ 2.
+A method coupling k states is given by its *members* m = 1 … k: relations producing level n
+from the m previous levels (:class:`~belm.solvers.relation.Relation`). Member 1 is always
+DDIM; member k is the method itself; members 1 … k−1 start the chain up (so sampling step 0
+is a DDIM step, and inversion from the clean level first takes one DDIM-inversion step,
+evaluating f at the known cleaner point). :class:`~belm.solvers.chain.MultistepChain` runs
+them; ``exact="bitwise"`` runs a 2-step method on an integer lattice instead
+(:mod:`belm.solvers.bitwise`). The latent holds the k states x_s … x_{s+k−1}, so sampling
+it re-runs exactly the relations inversion solved: exact reconstruction.
+Network calls: sample N, invert N, sample(latent) N − 1 (f at levels 1 … N−1) for k ≥ 2.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from belm.solvers.base import Callback, Latent, Sampler, check_tensor
-from belm.solvers.relation import Relation, shear, unshear
+from belm.solvers.base import Latent, Sampler
+from belm.solvers.bitwise import LatticeChain, LatticeLatent, LatticeRule
+from belm.solvers.chain import Chain, MultistepChain, Network
+from belm.solvers.relation import Relation, ddim_relation
 
-__all__ = ["MultistepSampler", "ddim_relation"]
-
-
-def ddim_relation(schedule) -> Relation:
-    """Member 1 of every method: x̄_n = x̄_{n−1} − H_{n−1} · ε(x_{n−1})."""
-    N = schedule.num_steps
-    a = torch.full((N + 1, 1), float("nan"), dtype=torch.float64)
-    c = a.clone()
-    a[1:, 0] = 1.0
-    c[1:, 0] = -schedule.H
-    return Relation("DDIM", 1, a, c, schedule)
+__all__ = ["MultistepSampler"]
 
 
 class MultistepSampler(Sampler):
-    """A k-step linear multistep sampler. Subclasses define :meth:`relation` for m ≥ 2."""
+    """A k-step linear multistep sampler. Subclasses define :meth:`relation` for 2 ≤ m ≤ k."""
 
-    steps = 1
+    num_states = 1
 
-    def __init__(self, eps_fn, schedule, *, exact: str = "float", **kwargs) -> None:
+    def __init__(self, eps_fn, schedule, **kwargs) -> None:
         super().__init__(eps_fn, schedule, **kwargs)
-        if exact not in ("float", "bitwise"):
-            raise ValueError(f"exact must be 'float' (default) or 'bitwise' (2-step methods); got {exact!r}")
-        N = self.schedule.num_steps
-        if N < self.steps:
-            raise ValueError(f"{self.name} is a {self.steps}-step method and needs num_steps >= {self.steps}; "
+        N, k = self.schedule.num_steps, self.num_states
+        if N < k:
+            raise ValueError(f"{self.name} couples {k} states and needs num_steps >= {k}; "
                              f"the schedule has {N}. Use more steps or DDIM")
-        self.members = [ddim_relation(self.schedule)] + [self.relation(m) for m in range(2, self.steps + 1)]
+        self.members = [ddim_relation(self.schedule)] + [self.relation(m) for m in range(2, k + 1)]
         for m, member in enumerate(self.members[1:], start=2):
             if member.m != m or not member.bidirectional:
                 raise ValueError(f"{self.name}: member {m} must be a bidirectional {m}-step relation")
-        # Converted once per (method, schedule): the loops only read Python floats.
-        self._coef = [member.in_x() for member in self.members]
-        self.exact_mode = exact
-        self._lattice = None
-        if exact == "bitwise":
-            from belm.solvers.bitwise import LatticeEngine
-            self._lattice = LatticeEngine(self)
+        # Converted once per (method, schedule): the chain only reads Python floats.
+        self.rows = [member.in_x() for member in self.members]
+        self.lattice_rule = LatticeRule(self.members[0], self.members[1], self.name) \
+            if self.exact == "bitwise" else None
+
+    @property
+    def supports_bitwise(self) -> bool:  # type: ignore[override]
+        return self.num_states == 2
 
     def relation(self, m: int) -> Relation:
         """The m-step member (2 ≤ m ≤ k) of this method on ``self.schedule``."""
         raise NotImplementedError
 
     @property
-    def exact(self) -> bool:
-        """Whether invert/sample round trips are exact (up to rounding)."""
-        return self.members[-1].bidirectional and self.steps > 1
+    def invertible(self) -> bool:
+        return self.num_states > 1 and self.members[-1].bidirectional
 
-    # -- the relation, solved either way ------------------------------------------------
-    def produce(self, n: int, m: int, state: Callable[[int], torch.Tensor],
-                eps: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """x_n from member m, given ``state(level)`` for levels n−m … n−1 and ``eps(level)``."""
-        A, C = self._coef[m - 1]
-        A_n, C_n = A[n], C[n]
-        terms = [(A_n[j - 1], state(n - j)) for j in range(1, m)]
-        terms += [(C_n[j - 1], eps(n - j)) for j in range(1, m + 1) if C_n[j - 1] != 0.0]
-        return shear(A_n[m - 1], state(n - m), terms)
+    # -- chains ------------------------------------------------------------------------
+    def chain_from_noise(self, x: torch.Tensor, level: int, network: Optional[Network] = None) -> Chain:
+        network = network or self.network(self.model_dtype or x.dtype)
+        if self.lattice_rule is not None:
+            return LatticeChain.from_noise(self.lattice_rule, network, x, level)
+        return MultistepChain(self.rows, network, {level: self._owned(x)}, start=level)
 
-    def recover(self, L: int, m: int, state: Callable[[int], torch.Tensor],
-                eps: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """x_L from member m producing level n = L + m: the same relation solved for its
-        noisiest state, given ``state(level)`` for levels L+1 … n."""
-        n = L + m
-        A, C = self._coef[m - 1]
-        A_n, C_n = A[n], C[n]
-        terms = [(A_n[j - 1], state(n - j)) for j in range(1, m)]
-        terms += [(C_n[j - 1], eps(n - j)) for j in range(1, m) if C_n[j - 1] != 0.0]
-        if C_n[m - 1] != 0.0:
-            # Not bidirectional (DDIM): ε is needed at the unknown x_L; use it at the
-            # known end x_n instead. This is the approximation that makes DDIM inexact.
-            terms.append((C_n[m - 1], eps(n)))
-        return unshear(A_n[m - 1], state(n), terms)
+    def chain_from_clean(self, x0: torch.Tensor, network: Optional[Network] = None) -> Chain:
+        network = network or self.network(self.model_dtype or x0.dtype)
+        if self.lattice_rule is not None:
+            return LatticeChain.from_clean(self.lattice_rule, network, x0)
+        N = self.schedule.num_steps
+        return MultistepChain(self.rows, network, {N: self._owned(x0)}, end=N)
 
-    # -- sampling ----------------------------------------------------------------------
-    def sample(self, x: torch.Tensor | Latent, *, from_level: int = 0,
-               callback: Optional[Callback] = None) -> torch.Tensor:
-        if self._lattice is not None:
-            return self._lattice.sample(x, from_level=from_level, callback=callback)
-        N, k = self.schedule.num_steps, self.steps
-        window, chain_start, out_dtype, device = self._begin(x, from_level, lambda level: min(k, N - level + 1))
-        states = dict(enumerate(window, start=chain_start))
-        eps = _Cache(self._network(self.model_dtype or out_dtype), states)
-        first = chain_start + len(window)
-        for n in self._bar(range(first, N + 1), "sample", N + 1 - first):
-            states[n] = self.produce(n, min(k, n - chain_start), states.__getitem__, eps)
-            if callback is not None:
-                callback({"level": n, "timestep": self.schedule.timestep(n), "x": states[n],
-                          "eps": eps.get(n - 1), "direction": "sample"})
-            # Later steps need states ≥ n − k + 2 … n and ε only at levels ≥ n − k + 2.
-            _forget(states, below=n - k + 1)
-            _forget(eps, below=n - k + 2)
-        return states[N].to(device=device, dtype=out_dtype)
+    def chain_from_latent(self, latent: Latent, network: Optional[Network] = None) -> Chain:
+        network = network or self.network(self.model_dtype or latent.dtype)
+        if self.lattice_rule is not None:
+            if not isinstance(latent, LatticeLatent):
+                raise TypeError("exact='bitwise' samples only latents from exact='bitwise' inversion; "
+                                "invert with the same exact= setting")
+            return LatticeChain.from_latent(self.lattice_rule, network, latent)
+        s = latent.level
+        states = {s + i: self._owned(state) for i, state in enumerate(latent.states)}
+        # A full window needs no start-up member in either direction.
+        return MultistepChain(self.rows, network, states)
 
-    # -- inversion ---------------------------------------------------------------------
-    def invert(self, x0: torch.Tensor, *, to_level: int = 0, callback: Optional[Callback] = None) -> Latent:
-        if self._lattice is not None:
-            return self._lattice.invert(x0, to_level=to_level, callback=callback)
-        check_tensor(x0, "x0")
-        N, k = self.schedule.num_steps, self.steps
-        to_level = self._level_arg(to_level, "to_level")
-        states: dict[int, torch.Tensor] = {N: x0.to(self.state_dtype)}
-        eps = _Cache(self._network(self.model_dtype or x0.dtype), states)
-        for L in self._bar(range(N - 1, to_level - 1, -1), "invert", N - to_level):
-            # The k − 1 states next to the clean level come from the start-up members.
-            states[L] = self.recover(L, min(k, N - L), states.__getitem__, eps)
-            if callback is not None:
-                callback({"level": L, "timestep": self.schedule.timestep(L), "x": states[L],
-                          "eps": eps.get(L + 1), "direction": "invert"})
-            # Keep only what later steps (and the latent) need: levels L … L+k−1.
-            _forget(states, above=L + k - 1)
-            _forget(eps, above=L + k - 2)
-        kept = [states[level] for level in range(to_level, min(to_level + k, N + 1))]
-        return self._make_latent(kept, to_level, x0.dtype)
-
-
-class _Cache(dict):
-    """ε by level, evaluated on first use at the state of that level."""
-
-    def __init__(self, network: Callable[[torch.Tensor, int], torch.Tensor], states: dict) -> None:
-        super().__init__()
-        self._network, self._states = network, states
-
-    def __call__(self, level: int) -> torch.Tensor:
-        value = self.get(level)
-        if value is None:
-            value = self[level] = self._network(self._states[level], level)
-        return value
-
-
-def _forget(table: dict, *, below: Optional[int] = None, above: Optional[int] = None) -> None:
-    for level in [lv for lv in table if (below is not None and lv < below) or (above is not None and lv > above)]:
-        del table[level]
+    def to_latent(self, chain: Chain, dtype: torch.dtype) -> Latent:
+        if isinstance(chain, LatticeChain):
+            return chain.to_latent(self.identity, self.schedule.fingerprint, dtype)
+        return super().to_latent(chain, dtype)
