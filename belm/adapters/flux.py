@@ -102,9 +102,12 @@ class Flux(FlowPipelineAdapter):
             scheduler.set_timesteps(sigmas=sigmas, mu=mu)
         return scheduler.sigmas[:-1].clone()
 
-    def schedule(self, num_steps: int = 28, *, height: int | None = None, width: int | None = None,
-                 mu: float | None = None) -> Any:
-        """FluxPipeline's grid as a flow :class:`belm.Schedule` (see :meth:`scheduler_sigmas`)."""
+    def schedule(self, num_steps: int = 28, spacing: str | None = None, sampler: str | None = None, *,
+                 height: int | None = None, width: int | None = None, mu: float | None = None) -> Any:
+        """FluxPipeline's grid as a flow :class:`belm.Schedule` (see :meth:`scheduler_sigmas`).
+
+        ``spacing`` and ``sampler`` are accepted for :meth:`StableDiffusion.schedule`'s interface
+        and not used (the σ grid is FluxPipeline's)."""
         from belm.schedule import Schedule
 
         sigmas = self.scheduler_sigmas(num_steps, height=height, width=width, mu=mu)

@@ -175,13 +175,16 @@ class StableDiffusion3(FlowPipelineAdapter):
                            uncond_pooled_projections=npooled, guidance_scale=guidance_scale,
                            num_train_timesteps=self.num_train_timesteps)
 
-    def schedule(self, num_steps: int = 28, *, mu: float | None = None, height: int | None = None,
-                 width: int | None = None) -> Any:
+    def schedule(self, num_steps: int = 28, spacing: str | None = None, sampler: str | None = None, *,
+                 mu: float | None = None, height: int | None = None, width: int | None = None) -> Any:
         """The pipeline's grid: ``Schedule.from_diffusers(self.scheduler, num_steps, mu=...)``.
 
         With dynamic shifting (``scheduler.config.use_dynamic_shifting``) μ is needed: pass it,
         or the image size in pixels (``height``, ``width``) and μ is computed as
         ``StableDiffusion3Pipeline`` does (image tokens = (h/patch)·(w/patch) latent patches).
+        ``spacing`` and ``sampler`` are accepted for :meth:`StableDiffusion.schedule`'s interface
+        and not used: a flow grid is spaced in σ by the scheduler's shift, not by train-timestep
+        spacing.
         """
         from belm.adapters.flow import calculate_shift
         from belm.schedule import Schedule
