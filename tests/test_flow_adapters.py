@@ -5,7 +5,8 @@
 pipeline's latents bit for bit (SD3 with CFG, FLUX with the guidance embedding; FLUX true
 CFG, batched into one pass here but two in the pipeline, to 1e-5); the helpers' grids are
 the pipelines' σ exactly; (b) belm's samplers on those grids: exact round trips in bitwise
-mode with guidance, DDIM = the pipeline's Euler loop; (c) latents, packing, bad input.
+mode with guidance, DDIM = the pipeline's Euler loop; (c) latents, packing, bad input;
+(d) the drop-in FlowBELMScheduler / FlowBELMInverseScheduler in the stock pipelines.
 """
 
 from __future__ import annotations
@@ -41,25 +42,6 @@ def _image(seed: int = 0) -> torch.Tensor:
     phase = torch.rand(3, 1, 1, generator=g) * 6
     return (0.6 * torch.sin(5 * xx + phase) * torch.cos(4 * yy - phase)).unsqueeze(0)
 
-
-def _core_samples_flows() -> bool:
-    """Whether belm's samplers already hand the network σ on flow schedules (the stepping core reads
-    ``model_time``/``scale``/``tau``): Euler with v ≡ 1 from σ = 1 must land on x − 1."""
-    seen: list[torch.Tensor] = []
-
-    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        seen.append(t)
-        return torch.ones_like(x)
-
-    try:
-        out = DDIM(v, Schedule.from_sigmas([1.0, 0.5], kind="flow"), progress=False).sample(torch.zeros(1, 2))
-    except Exception:  # noqa: BLE001 - any failure means "not yet"
-        return False
-    return bool(seen) and seen[0].is_floating_point() and bool(torch.allclose(out, -torch.ones(1, 2)))
-
-
-needs_core = pytest.mark.xfail(not _core_samples_flows(), strict=False,
-                               reason="needs core scale/tau: the samplers do not yet step flow schedules")
 
 _CACHE: dict = {}
 
@@ -171,7 +153,6 @@ def test_velocity_dtype_device_and_determinism(tiny_sd3_folder, tiny_flux_folder
 # ---------------------------------------------------------------------------------------
 # (b) belm's samplers on the pipelines' flow grids
 # ---------------------------------------------------------------------------------------
-@needs_core
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sd3_bitwise_round_trip_with_guidance(tiny_sd3_folder, dtype) -> None:
     sd3 = _sd3(tiny_sd3_folder, dtype)
@@ -180,7 +161,6 @@ def test_sd3_bitwise_round_trip_with_guidance(tiny_sd3_folder, dtype) -> None:
     assert torch.equal(s.sample(s.invert(z0)), z0)
 
 
-@needs_core
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flux_bitwise_round_trip_with_guidance(tiny_flux_folder, dtype) -> None:
     flux = _flux(tiny_flux_folder, dtype)
@@ -190,7 +170,6 @@ def test_flux_bitwise_round_trip_with_guidance(tiny_flux_folder, dtype) -> None:
     assert torch.equal(s.sample(s.invert(z0)), z0)
 
 
-@needs_core
 def test_ddim_on_a_flow_grid_is_the_pipelines_euler_loop(tiny_sd3_folder) -> None:
     """DDIM on a flow schedule = diffusers' FlowMatchEulerDiscreteScheduler.step loop (inside the
     stock StableDiffusion3Pipeline) on the same tiny SD3 transformer, float32: ≤ 1e-5 relative.
