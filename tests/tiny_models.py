@@ -7,6 +7,11 @@
 - :func:`tiny_sd_folder`: session-scoped pytest fixture returning that folder (built once
   per session, under the session's base temp dir, shared by every test module);
   :func:`tiny_sd_folder_v`: the same with a v-prediction scheduler.
+- :func:`tiny_sd3_pipeline`, :func:`tiny_flux_pipeline`, :func:`tiny_sdxl_pipeline`: saved
+  tiny StableDiffusion3Pipeline / FluxPipeline / StableDiffusionXLPipeline folders (CLIP
+  tokenizers over the local byte vocabulary, a T5 tokenizer built in memory from a
+  character vocabulary); fixtures :func:`tiny_sd3_folder`, :func:`tiny_flux_folder`,
+  :func:`tiny_sdxl_folder`.
 
 Import from tests as ``from tiny_models import tiny_unet, tiny_sd_pipeline, tiny_sd_folder``
 (pytest puts ``tests/`` on sys.path). Weights are initialised under a fixed seed
@@ -23,7 +28,8 @@ import pytest
 import torch
 
 __all__ = ["sd_scheduler", "tiny_unet", "tiny_tokenizer_files", "tiny_sd_pipeline", "tiny_sd_folder",
-           "tiny_sd_folder_v"]
+           "tiny_sd_folder_v", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_sd3_pipeline",
+           "tiny_flux_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_folder", "tiny_flux_folder", "tiny_sdxl_folder"]
 
 SEED = 0
 
@@ -153,3 +159,194 @@ def tiny_sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd_folder_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of the tiny v-prediction SD pipeline (same weights), built once per test session."""
     return tiny_sd_pipeline(tmp_path_factory.getbasetemp(), "v_prediction")
+
+
+# -- flow transformers (SD3, FLUX) and SDXL ------------------------------------------------
+
+def tiny_clip_tokenizer(tmpdir: str | os.PathLike, model_max_length: int = 77):
+    """A CLIPTokenizer over the byte-level vocabulary of :func:`tiny_tokenizer_files`."""
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = tiny_tokenizer_files(Path(tmpdir) / "tiny_tokenizer_src")
+    return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=model_max_length)
+
+
+def tiny_t5_tokenizer(model_max_length: int = 32):
+    """A T5 tokenizer (Unigram, built in memory with the ``tokenizers`` library, no files).
+
+    Vocabulary: ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, the word-start marker ``▁``
+    and the printable ASCII characters (one token each, equal scores), so every prompt
+    tokenizes character by character and ends with ``</s>``.
+    """
+    from transformers import T5Tokenizer
+
+    chars = ["▁"] + [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _tiny_clip_encoder(tokenizer, with_projection: bool, hidden_size: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden_size,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_t5_encoder(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def _tiny_vae(latent_channels: int, shift_factor: float | None, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=16, shift_factor=shift_factor,
+        scaling_factor=scaling_factor, use_quant_conv=shift_factor is None,
+        use_post_quant_conv=shift_factor is None)
+
+
+def _save(pipe, folder: Path) -> Path:
+    tmp = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    os.replace(tmp, folder)  # atomic: a half-written folder is never mistaken for a pipeline
+    return folder
+
+
+def tiny_sd3_pipeline(tmpdir: str | os.PathLike, *, seed: int = SEED) -> Path:
+    """Build, save (safetensors) and return the folder of a tiny StableDiffusion3Pipeline.
+
+    ``tmpdir / "tiny_sd3"`` (reused if present). Components:
+
+    - SD3Transformer2DModel: 4 latent channels, patch 1, 1 joint layer, 2 heads of 8,
+      joint_attention_dim 32, pooled_projection_dim 64, sample_size 8.
+    - AutoencoderKL: factor 2, 4 latent channels, SD3-style shift_factor 0.0609 and
+      scaling_factor 1.5035, no quant convs.
+    - two CLIPTextModelWithProjection (hidden 32) + byte-level CLIP tokenizers,
+      a T5EncoderModel (d_model 32) + an in-memory Unigram T5 tokenizer.
+    - FlowMatchEulerDiscreteScheduler(shift=3.0), SD3's.
+    """
+    folder = Path(tmpdir) / "tiny_sd3"
+    if (folder / "model_index.json").is_file():
+        return folder
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(tmpdir), tiny_clip_tokenizer(tmpdir)
+    tokenizer_3 = tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64,
+            pos_embed_max_size=16)
+        vae = _tiny_vae(4, shift_factor=0.0609, scaling_factor=1.5035)
+        text_encoder = _tiny_clip_encoder(tokenizer, True)
+        text_encoder_2 = _tiny_clip_encoder(tokenizer_2, True)
+        text_encoder_3 = _tiny_t5_encoder(tokenizer_3)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    return _save(pipe, folder)
+
+
+def tiny_flux_pipeline(tmpdir: str | os.PathLike, *, guidance_embeds: bool = True, seed: int = SEED) -> Path:
+    """Build, save (safetensors) and return the folder of a tiny FluxPipeline.
+
+    ``tmpdir / "tiny_flux"`` (``"tiny_flux_schnell"`` without the guidance embedding;
+    reused if present). Components:
+
+    - FluxTransformer2DModel: in_channels 16 (4 latent channels packed 2×2), 1 double and
+      1 single block, 2 heads of 16, rope axes (4, 4, 8), joint_attention_dim 32,
+      pooled_projection_dim 32, ``guidance_embeds`` as given (FLUX.1-dev style: True).
+    - AutoencoderKL: factor 2, 4 latent channels, FLUX-style shift_factor 0.1159,
+      scaling_factor 0.3611, no quant convs.
+    - CLIPTextModel (hidden 32) + byte-level CLIP tokenizer; T5EncoderModel (d_model 32)
+      + an in-memory Unigram T5 tokenizer.
+    - FlowMatchEulerDiscreteScheduler with FLUX's dynamic shifting (base 0.5, max 1.15,
+      sequence lengths 256..4096, shift 3.0).
+    """
+    folder = Path(tmpdir) / ("tiny_flux" if guidance_embeds else "tiny_flux_schnell")
+    if (folder / "model_index.json").is_file():
+        return folder
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(tmpdir), tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+            guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8))
+        vae = _tiny_vae(4, shift_factor=0.1159, scaling_factor=0.3611)
+        text_encoder = _tiny_clip_encoder(tokenizer, False)
+        text_encoder_2 = _tiny_t5_encoder(tokenizer_2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    return _save(pipe, folder)
+
+
+def tiny_sdxl_pipeline(tmpdir: str | os.PathLike, *, seed: int = SEED) -> Path:
+    """Build, save (safetensors) and return the folder of a tiny StableDiffusionXLPipeline.
+
+    ``tmpdir / "tiny_sdxl"`` (reused if present). Components:
+
+    - UNet2DConditionModel with SDXL's added conditioning (addition_embed_type "text_time",
+      addition_time_embed_dim 8, projection_class_embeddings_input_dim 32 + 6·8 = 80),
+      cross_attention_dim 64 (the two encoders' hidden states concatenated).
+    - AutoencoderKL: factor 2, 4 latent channels, scaling 0.13025.
+    - CLIPTextModel + CLIPTextModelWithProjection (hidden 32), byte-level CLIP tokenizers.
+    - SD's DDIMScheduler (:func:`sd_scheduler`), epsilon prediction.
+    """
+    folder = Path(tmpdir) / "tiny_sdxl"
+    if (folder / "model_index.json").is_file():
+        return folder
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(tmpdir), tiny_clip_tokenizer(tmpdir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, norm_num_groups=8,
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+            projection_class_embeddings_input_dim=80)
+        vae = _tiny_vae(4, shift_factor=None, scaling_factor=0.13025)
+        text_encoder = _tiny_clip_encoder(tokenizer, False)
+        text_encoder_2 = _tiny_clip_encoder(tokenizer_2, True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=sd_scheduler(), force_zeros_for_empty_prompt=True,
+        add_watermarker=False)
+    return _save(pipe, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the tiny SD3 pipeline, built once per test session."""
+    return tiny_sd3_pipeline(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the tiny FLUX pipeline (with the guidance embedding), built once per test session."""
+    return tiny_flux_pipeline(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the tiny SDXL pipeline, built once per test session."""
+    return tiny_sdxl_pipeline(tmp_path_factory.getbasetemp())

@@ -5,8 +5,15 @@
   guidance batched into one forward pass.
 - :class:`StableDiffusion`: a latent pipeline (VAE + text encoder + UNet + scheduler):
   ``encode`` / ``decode`` images, ``eps(prompt=...)``, ``schedule(num_steps)``.
+- :class:`StableDiffusionXL`: the same for SDXL folders (two text encoders, added conditioning).
+- :class:`SD3Velocity`, :class:`FluxVelocity`: ``fn(x, σ) -> dx/dσ`` from diffusers' flow
+  transformers (SD3: CFG batched; FLUX: packed latents, ids, guidance embedding);
+  :class:`StableDiffusion3`, :class:`Flux`: pipeline helpers (encode / decode,
+  ``velocity(prompt=...)``, ``schedule(num_steps)`` on the pipeline's flow grid).
+- :func:`from_folder`: the right helper for a local pipeline folder (by model_index.json).
 - :class:`BELMScheduler`, :class:`BELMInverseScheduler`: O-BELM / BDIA / DDIM as diffusers
-  schedulers for stock pipelines (imported lazily; they need diffusers).
+  schedulers for stock pipelines; :class:`FlowBELMScheduler`, :class:`FlowBELMInverseScheduler`:
+  the same for flow pipelines (SD3, FLUX) (imported lazily; they need diffusers).
 
 Adapters are thin: no sampler logic lives here. diffusers / transformers / PIL are
 imported lazily (only when a folder is loaded or an image is read).
@@ -14,24 +21,35 @@ imported lazily (only when a folder is loaded or an image is read).
 
 from typing import Any
 
+from belm.adapters.auto import from_folder
 from belm.adapters.eps import PREDICTION_TYPES, DiffusersEps, to_epsilon
+from belm.adapters.flow import FlowVelocity, FluxVelocity, SD3Velocity
+from belm.adapters.flux import Flux
+from belm.adapters.sd3 import StableDiffusion3
+from belm.adapters.sdxl import StableDiffusionXL
 from belm.adapters.stable_diffusion import StableDiffusion
 
 __all__ = ["PREDICTION_TYPES", "DiffusersEps", "StableDiffusion", "to_epsilon",
-           "BELMScheduler", "BELMInverseScheduler"]
+           "StableDiffusionXL", "StableDiffusion3", "Flux", "FlowVelocity", "SD3Velocity", "FluxVelocity",
+           "from_folder", "BELMScheduler", "BELMInverseScheduler", "FlowBELMScheduler",
+           "FlowBELMInverseScheduler"]
 
-_LAZY = ("BELMScheduler", "BELMInverseScheduler")
+#: names imported on first use (they need diffusers) -> their module
+_LAZY = {"BELMScheduler": "schedulers", "BELMInverseScheduler": "schedulers",
+         "FlowBELMScheduler": "flow_schedulers", "FlowBELMInverseScheduler": "flow_schedulers"}
 
 
 def __getattr__(name: str) -> Any:
     """Import the diffusers scheduler classes on first use (diffusers is an optional dependency)."""
     if name in _LAZY:
+        import importlib
+
         try:
-            from belm.adapters import schedulers
+            module = importlib.import_module(f"belm.adapters.{_LAZY[name]}")
         except ImportError as exc:
             raise ImportError(f"belm.adapters.{name} needs diffusers; install it with "
                               f"pip install 'belm[diffusers]' ({exc})") from exc
-        return getattr(schedulers, name)
+        return getattr(module, name)
     raise AttributeError(f"module 'belm.adapters' has no attribute {name!r}")
 
 
