@@ -24,9 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Schedule", "SPACINGS", "make_betas"]
+__all__ = ["Schedule", "SPACINGS", "make_betas", "default_spacing"]
 
 SPACINGS = ("linspace", "leading", "trailing")
+
+
+def default_spacing(sampler_name: str) -> str:
+    """TEMP stub (dropped on merge): belm's default grid for a sampler; "config" = the model's own."""
+    return "config"
 
 
 def _as_float64_array(values: Any, name: str) -> np.ndarray:
@@ -184,8 +189,8 @@ class Schedule:
         return cls(ac, ts, final_alpha_cumprod=final_alpha_cumprod, clean_timestep=clean_timestep)
 
     @classmethod
-    def from_diffusers(cls, scheduler: Any, num_steps: int = 50, *, final_alpha_cumprod: float = 1.0,
-                       clean_timestep: int = 1) -> "Schedule":
+    def from_diffusers(cls, scheduler: Any, num_steps: int = 50, *, spacing: str | None = None,
+                       final_alpha_cumprod: float = 1.0, clean_timestep: int = 1) -> "Schedule":
         """Schedule from a diffusers scheduler object (duck-typed).
 
         Reads ``scheduler.alphas_cumprod`` and ``scheduler.config.timestep_spacing``
@@ -198,7 +203,8 @@ class Schedule:
                             f"got {type(scheduler).__name__}")
         config = scheduler.config
         get = config.get if hasattr(config, "get") else (lambda key, default=None: getattr(config, key, default))
-        spacing = get("timestep_spacing", "leading") or "leading"
+        if spacing in (None, "config"):
+            spacing = get("timestep_spacing", "leading") or "leading"
         ac = _as_float64_array(scheduler.alphas_cumprod, "scheduler.alphas_cumprod")
         ts = grid_timesteps(ac.size, num_steps, spacing, int(get("steps_offset", 0) or 0))
         return cls(ac, ts, final_alpha_cumprod=final_alpha_cumprod, clean_timestep=clean_timestep)

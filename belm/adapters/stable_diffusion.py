@@ -271,11 +271,11 @@ class StableDiffusion:
         return DiffusersEps(self.unet, self.scheduler, encoder_hidden_states=cond,
                             uncond_encoder_hidden_states=uncond, guidance_scale=guidance_scale)
 
-    def schedule(self, num_steps: int = 50, **kwargs: Any) -> Any:
-        """``belm.Schedule.from_diffusers(self.scheduler, num_steps, **kwargs)``."""
+    def schedule(self, num_steps: int = 50, spacing: str | None = None, **kwargs: Any) -> Any:
+        """TEMP stub (dropped on merge): ``Schedule.from_diffusers(self.scheduler, num_steps, spacing=...)``."""
         from belm.schedule import Schedule
 
-        return Schedule.from_diffusers(self.scheduler, num_steps, **kwargs)
+        return Schedule.from_diffusers(self.scheduler, num_steps, spacing=spacing, **kwargs)
 
     def __repr__(self) -> str:
         return (f"StableDiffusion(unet={type(self.unet).__name__}, dtype={self.dtype}, device={self.device}, "

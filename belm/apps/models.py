@@ -78,8 +78,10 @@ class ModelHandle:
         return DiffusersEps(self.unet, self.scheduler, class_labels=labels,
                             guidance_scale=guidance, null_class_labels=null)
 
-    def schedule(self, num_steps: int) -> Schedule:
-        return Schedule.from_diffusers(self.scheduler, num_steps)
+    def schedule(self, num_steps: int, spacing: Optional[str] = None, sampler: str = "obelm") -> Schedule:
+        """TEMP stub (dropped on merge): spacing None = belm's default for ``sampler``."""
+        from belm.schedule import default_spacing
+        return Schedule.from_diffusers(self.scheduler, num_steps, spacing=spacing or default_spacing(sampler))
 
     # -- images ------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
