@@ -18,40 +18,71 @@ from belm.solvers.registry import make_sampler
 __all__ = ["reconstruct", "edit", "interpolate", "slerp", "generate", "seeded_noise", "classify", "fd_to_reference"]
 
 
-def _sampler(model: ModelHandle, name: str, steps: int, condition: Any, guidance: float, progress: bool):
-    return make_sampler(name, model.eps(condition, guidance), model.schedule(steps), progress=progress)
+def _sampler(model: ModelHandle, name: str, steps: int, condition: Any, guidance: float, progress: bool,
+             spacing: Optional[str] = None, sampler_options: Optional[dict] = None):
+    return make_sampler(name, model.eps(condition, guidance), model.schedule(steps, spacing=spacing, sampler=name),
+                        progress=progress, **(sampler_options or {}))
 
 
 def reconstruct(model: ModelHandle, images: torch.Tensor, *, sampler: str = "obelm", steps: int = 50,
-                condition: Any = None, guidance: float = 1.0, progress: bool = True) -> dict:
+                condition: Any = None, guidance: float = 1.0, progress: bool = True, spacing: Optional[str] = None,
+                sampler_options: Optional[dict] = None, batch_size: Optional[int] = None) -> dict:
     """Invert images and sample them back with the same condition.
 
-    Returns a dict with ``reconstruction`` (images in [−1, 1]), per-image ``latent`` errors
-    (model space) and, for latent models, ``pixel`` errors of the decoded images.
+    Args:
+        images: (B, C, H, W) in [−1, 1].
+        condition: one condition for all images, or one per image (list).
+        spacing: the grid (None: belm's default for ``sampler``); ``sampler_options``: e.g.
+            ``{"gamma": 0.5}`` for BDIA, ``{"p": 0.9}`` for EDICT.
+        batch_size: images per invert/sample pass (None: all at once). Each batch is inverted
+            and sampled back with the same composition, so exactness does not depend on it.
+
+    Returns a dict with ``reconstruction`` (images in [−1, 1]) and per-image error lists
+    (``max_abs_error``, ``mse``, ``psnr`` each):
+
+    - ``latent``: ``sample(invert(x0))`` against ``x0`` in model space: the sampler's
+      exactness (for pixel models this is also the error against the input image);
+    - latent models only: ``pixel``, the decoded reconstruction against the *input image*
+      (end to end; dominated by the VAE, which is not invertible), and ``vae``, the VAE's
+      own round trip ``decode(encode(image))`` against the input, for scale.
     """
-    s = _sampler(model, sampler, steps, condition, guidance, progress)
-    x0 = model.encode(images)
-    x_rec = s.sample(s.invert(x0))
+    per_image = isinstance(condition, (list, tuple, torch.Tensor))
+    if per_image and len(condition) != len(images):
+        raise ValueError(f"one condition per image expected: {len(condition)} conditions for {len(images)} images")
+    step = batch_size or len(images)
+    if step < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    x0s, recs = [], []
+    for i in range(0, len(images), step):
+        cond = list(condition[i:i + step]) if per_image else condition
+        s = _sampler(model, sampler, steps, cond, guidance, progress, spacing, sampler_options)
+        x0 = model.encode(images[i:i + step])
+        x0s.append(x0)
+        recs.append(s.sample(s.invert(x0)))
+    x0, x_rec = torch.cat(x0s), torch.cat(recs)
     out = {"latent": reconstruction_errors(x0, x_rec), "reconstruction": model.decode(x_rec)}
     if model.kind == "latent":
-        out["pixel"] = reconstruction_errors(model.decode(x0), out["reconstruction"])
+        out["pixel"] = reconstruction_errors(images.to(out["reconstruction"]), out["reconstruction"])
+        out["vae"] = reconstruction_errors(images.to(out["reconstruction"]), model.decode(x0))
     return out
 
 
 def edit(model: ModelHandle, images: torch.Tensor, source: Any, target: Any, *, sampler: str = "obelm",
          steps: int = 50, freeze: int = 0, guidance: float = 3.0, inversion_guidance: float = 1.0,
-         progress: bool = True) -> torch.Tensor:
+         progress: bool = True, spacing: Optional[str] = None, sampler_options: Optional[dict] = None) -> torch.Tensor:
     """Invert with the ``source`` condition up to level ``freeze``, resample with ``target``.
 
     ``freeze`` = 0 inverts all the way to the noisiest level; larger values keep more of the
     original (the chain is re-sampled only from level ``freeze`` on).
     """
-    schedule = model.schedule(steps)
+    schedule = model.schedule(steps, spacing=spacing, sampler=sampler)
     if not 0 <= freeze < steps:
         raise ValueError(f"freeze must lie in [0, {steps - 1}] (freeze < steps); got {freeze}")
-    inverter = make_sampler(sampler, model.eps(source, inversion_guidance), schedule, progress=progress)
+    inverter = make_sampler(sampler, model.eps(source, inversion_guidance), schedule, progress=progress,
+                            **(sampler_options or {}))
     lat = inverter.invert(model.encode(images), to_level=freeze)
-    resampler = make_sampler(sampler, model.eps(target, guidance), schedule, progress=progress)
+    resampler = make_sampler(sampler, model.eps(target, guidance), schedule, progress=progress,
+                             **(sampler_options or {}))
     return model.decode(resampler.sample(lat))
 
 
@@ -73,22 +104,33 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
 
 def interpolate(model: ModelHandle, image_a: torch.Tensor, image_b: torch.Tensor, *, num: int = 8,
                 sampler: str = "obelm", steps: int = 50, condition: Any = None, guidance: float = 1.0,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, spacing: Optional[str] = None, sampler_options: Optional[dict] = None,
+                batch_size: Optional[int] = None) -> torch.Tensor:
     """``num`` images between two *inverted real images* (1, C, H, W) each.
 
     Every tensor of the two latents (for 2-step methods the pair x_0, x_1) is slerped with
     the same weight, so weight 0 and 1 give back the originals exactly.
+
+    ``batch_size``: frames per sampling pass (None: all ``num`` at once). Each image is
+    inverted alone, so with ``batch_size=1`` the end frames are sampled in the same batch
+    composition as their inversion and come back to float64 rounding; in larger batches
+    float32 kernels round differently (endpoint error ~1e-5 on the digits model).
     """
     if num < 2:
         raise ValueError(f"num must be >= 2 for an interpolation; got {num}")
-    s = _sampler(model, sampler, steps, condition, guidance, progress)
+    s = _sampler(model, sampler, steps, condition, guidance, progress, spacing, sampler_options)
     la, lb = s.invert(model.encode(image_a)), s.invert(model.encode(image_b))
     if type(la) is not Latent:
         raise ValueError("interpolation needs float latents (exact='float')")
     weights = [i / (num - 1) for i in range(num)]
     mixed = [la.replace(states=[slerp(xa, xb, w) for xa, xb in zip(la.states, lb.states)]) for w in weights]
-    batch = la.replace(states=[torch.cat([m.states[i] for m in mixed]) for i in range(len(la.states))])
-    return model.decode(s.sample(batch))
+    step = batch_size or num
+    frames = []
+    for j in range(0, num, step):
+        part = mixed[j:j + step]
+        frames.append(s.sample(la.replace(states=[torch.cat([m.states[i] for m in part])
+                                                  for i in range(len(la.states))])))
+    return model.decode(torch.cat(frames))
 
 
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -100,7 +142,8 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype 
 
 def generate(model: ModelHandle, seeds: Sequence[int], *, sampler: str = "obelm", steps: int = 50,
              condition: Any = None, guidance: float = 1.0, batch_size: int = 64,
-             progress: bool = True) -> torch.Tensor:
+             progress: bool = True, spacing: Optional[str] = None,
+             sampler_options: Optional[dict] = None) -> torch.Tensor:
     """Images for the given seeds, in batches of ``batch_size``.
 
     Each sample's noise depends only on its seed; the network's float bits can still depend
@@ -110,11 +153,11 @@ def generate(model: ModelHandle, seeds: Sequence[int], *, sampler: str = "obelm"
     if per_sample and len(condition) != len(seeds):
         raise ValueError(f"one condition per seed expected: {len(condition)} conditions for {len(seeds)} seeds")
     shape = model.shape if model.kind == "pixel" else _latent_shape(model)
-    schedule = model.schedule(steps)
+    schedule = model.schedule(steps, spacing=spacing, sampler=sampler)
     outs = []
     for i in range(0, len(seeds), batch_size):
         cond = list(condition[i:i + batch_size]) if per_sample else condition
-        s = make_sampler(sampler, model.eps(cond, guidance), schedule, progress=progress)
+        s = make_sampler(sampler, model.eps(cond, guidance), schedule, progress=progress, **(sampler_options or {}))
         noise = seeded_noise(shape, seeds[i:i + batch_size])
         outs.append(model.decode(s.sample(noise.to(model.unet.device))))
     return torch.cat(outs) if outs else torch.empty(0, *model.shape)
