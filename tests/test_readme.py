@@ -10,7 +10,7 @@ The blocks are found generically, so snippets added to the README later are pick
 - bash blocks: each ``belm ...`` line runs in-process through ``belm.cli.main`` with
   ``--out`` in a temporary folder and ``--no-progress``, placeholders substituted, and
   must exit 0 with a strict-JSON summary.json. To keep this file near a minute on 2 cores,
-  a few commands get smaller sizes: ``SPEED`` lists exactly which options are replaced.
+  sizes are capped (``STEPS_CAP``, ``NUM_CAP``: the only changes made to a line).
   Lines starting with ``SKIP`` (make, torchrun, pip: set-up and multi-process launches
   that ``make test`` itself or tests/test_sharding.py cover) are skipped explicitly; any
   other command is an error, so a new kind of line cannot pass unnoticed.
@@ -32,12 +32,12 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 SKIP = ("make ", "torchrun ", "pip ")
 #: Placeholders of the README → what the test puts there ({sd}: the tiny SD folder, {img}: an image file).
 PLACEHOLDERS = {"path/to/local/sd-folder": "{sd}", "path/to/sd": "{sd}", "cat.png": "{img}"}
-#: Smaller sizes for the slowest commands only (option → value), keyed by the command's first words.
-SPEED = {
-    ("sample",): {"--num": "20"},      # README: --num 100 (the same code path, 5 fewer batches of CFG)
-    ("fd",): {"--num": "60"},          # README: the default 297 samples
-}
-
+#: Caps on sizes, applied to every ``belm`` line (new ones included), to keep this file near a
+#: minute on a shared 2-core machine: --steps at most 10, --num at most NUM_CAP[command]
+#: (default 2). The README's sizes are what users run; the code paths are the same, and
+#: the figures at full size are checked by tests/test_cli.py and the benchmarks.
+STEPS_CAP = 10
+NUM_CAP = {"fd": 40, "interpolate": 3, "sample": 4}
 
 def blocks(language: str) -> list[str]:
     """The fenced ```language blocks of README.md, in order."""
@@ -120,13 +120,15 @@ def test_bash_line_runs(line, inputs, capsys):
     argv = shlex.split(_fill(line, sd_folder, img))
     assert argv[0] == "belm", f"README bash line is neither a belm command nor listed in SKIP: {line}"
     argv = argv[1:]
-    for key, options in SPEED.items():
-        if tuple(argv[:len(key)]) == key:
-            for option, value in options.items():
-                if option in argv:
-                    argv[argv.index(option) + 1] = value
-                else:
-                    argv += [option, value]
+    command = argv[0] if argv else ""
+    for option, cap in (("--steps", STEPS_CAP), ("--num", NUM_CAP.get(command, 2))):
+        if command == "demo":
+            break
+        if option in argv:
+            i = argv.index(option) + 1
+            argv[i] = str(min(int(argv[i]), cap))
+        else:
+            argv += [option, str(cap)]
     out = folder / re.sub(r"\W+", "_", line)[:80]
     code = main(argv + ["--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
