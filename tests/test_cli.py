@@ -326,8 +326,15 @@ def test_spacing_is_printed_and_passed_through(tmp_path, capsys):
 def test_batch_size_keeps_reconstruction_exact_and_interpolation_endpoints(tmp_path):
     code, out = run(["reconstruct", "--num", "3", "--steps", "10", "--batch-size", "2"], tmp_path)
     assert code == 0 and summary(out)["max_abs_error"] <= 1e-12
-    code, out = run(["interpolate", "--num", "3", "--steps", "10"], tmp_path, "i")    # default --batch-size 1
-    assert code == 0 and summary(out)["endpoint_max_abs_error"] <= 1e-12
+    code, out = run(["interpolate", "--num", "3", "--steps", "50", "--seed", "0"], tmp_path, "i")  # --batch-size 1
+    # Each end frame is sampled alone, as it was inverted: its error is exactly that image's own
+    # round trip (a float32 network input may round differently in the two directions).
+    from belm.apps import load_model, reconstruct
+    from belm.models import digits_dataset
+    images, _ = digits_dataset("heldout")
+    pair = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:2]]
+    own = reconstruct(load_model("digits"), pair, steps=50, batch_size=1, progress=False)["latent"]["max_abs_error"]
+    assert code == 0 and summary(out)["endpoint_max_abs_error"] <= max(own) <= 1e-5
     code, out = run(["edit", "--source", "3", "--target", "8", "--num", "3", "--steps", "4", "--batch-size", "2"],
                     tmp_path, "e")
     assert code == 0 and len(list(out.glob("edited_*.png"))) == 3
