@@ -72,6 +72,18 @@ def resolve_threads(value: Optional[int]) -> int:
     return threads
 
 
+def _pin_threads(threads: int) -> None:
+    """torch's intra-op threads, and the BLAS/OpenMP pools numpy and scipy use (the FD's
+    matrix square root), so that no pool spins on cores other processes hold."""
+    import torch
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - comes with scikit-learn
+        return
+    threadpool_limits(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from belm import __version__
     from belm.solvers.registry import sampler_names
@@ -592,7 +604,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
         threads = resolve_threads(args.threads)
         if threads > 0:
-            torch.set_num_threads(threads)
+            _pin_threads(threads)
         if args.no_progress:
             _silence_libraries()
         if args.command != "demo":

@@ -350,3 +350,11 @@ def test_non_square_image_on_a_pixel_model_warns(tmp_path, capsys):
 def test_dtype_option_runs_the_network_in_that_dtype(tmp_path):
     code, out = run(["reconstruct", "--num", "1", "--steps", "3", "--dtype", "float64"], tmp_path)
     assert code == 0 and summary(out)["settings"]["dtype"] == "float64" and summary(out)["max_abs_error"] <= 1e-12
+
+
+def test_threads_pin_the_blas_pools_too(tmp_path):
+    from threadpoolctl import threadpool_info, threadpool_limits
+    with threadpool_limits(limits=None):       # restore the pools after the test
+        code, _ = run(["reconstruct", "--num", "1", "--steps", "2", "--threads", "1"], tmp_path)
+        assert code == 0
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info()), threadpool_info()
