@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads; default $BELM_THREADS, else $OMP_NUM_THREADS, else 1 (safe on a "
+                       help="CPU threads of torch and of numpy/scipy's BLAS; default $BELM_THREADS, else $OMP_NUM_THREADS, else 1 (safe on a "
                             "shared machine); 0 = torch's default (one per core)")
         p.add_argument("--no-progress", action="store_true",
                        help="hide progress bars, diffusers'/transformers' loading bars and their warnings")
