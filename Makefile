@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[dev]" "torch==$(TORCH)"
 	touch $@
 
+# belm runs torch on 1 CPU thread unless told otherwise (BELM_THREADS=0 make demo: one per core).
 demo: $(STAMP)
 	$(BIN)/belm demo --out outputs/demo
 

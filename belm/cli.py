@@ -1,8 +1,14 @@
 """The ``belm`` command: demo, sample, reconstruct, edit, interpolate, fd.
 
-Every command validates its arguments before any work, writes its pictures and a
-``summary.json`` into ``--out`` only when it succeeds (nothing half-written), prints a short
-table, and exits non-zero with a one-line message on bad input (``--debug`` for a traceback).
+Every command validates its arguments before any work, writes its pictures and a strict-JSON
+``summary.json`` (the run's settings included) into ``--out`` only when it succeeds
+(nothing half-written, nothing stale from an earlier run), prints a short table, and exits
+with status 2 and a one-line message on bad input (``--debug`` for a traceback).
+
+Threads: torch's CPU thread count is pinned by ``--threads`` (default: ``$BELM_THREADS``,
+else ``$OMP_NUM_THREADS``, else 1). One thread cannot collapse when other processes share
+the cores (torch's default, one thread per core, slowed ``make demo`` 13× on a busy 2-core
+machine); ``--threads 0`` restores torch's default for a machine of your own.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "resolve_threads"]
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+SPACING_CHOICES = ("linspace", "leading", "trailing", "config")
 
 
 class CLIError(Exception):
@@ -28,82 +37,214 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default; a default of None reads as the help text says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "%(default)" in text \
+                or action.default is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def resolve_threads(value: Optional[int]) -> int:
+    """The torch CPU thread count for ``--threads value``: the value if given, else
+    ``$BELM_THREADS``, else ``$OMP_NUM_THREADS``, else 1. 0 means torch's own default.
+
+    Raises:
+        CLIError: a negative or non-integer value (naming where it came from).
+    """
+    source, raw = "--threads", value
+    if raw is None:
+        for name in ("BELM_THREADS", "OMP_NUM_THREADS"):
+            if os.environ.get(name, "").strip():
+                source, raw = f"${name}", os.environ[name].strip()
+                break
+        else:
+            return 1
+    try:
+        threads = int(raw)
+    except (TypeError, ValueError):
+        raise CLIError(f"{source} must be an integer >= 0 (0 = torch's default); got {raw!r}") from None
+    if threads < 0:
+        raise CLIError(f"{source} must be >= 0 (0 = torch's default); got {threads}")
+    return threads
+
+
+def _pin_threads(threads: int) -> None:
+    """torch's intra-op threads, and the BLAS/OpenMP pools numpy and scipy use (the FD's
+    matrix square root), so that no pool spins on cores other processes hold."""
+    import torch
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - comes with scikit-learn
+        return
+    threadpool_limits(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from belm import __version__
     from belm.solvers.registry import sampler_names
 
-    parser = _Parser(prog="belm", description="Exact inversion of diffusion models.")
+    parser = _Parser(prog="belm", description="Exact inversion of diffusion models.", formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"belm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def common(p: argparse.ArgumentParser, steps: int = 50, num: int = 16, guidance: float = 1.0) -> None:
-        p.add_argument("--model", default="digits", help="'digits' (bundled) or a local diffusers folder")
-        p.add_argument("--sampler", default="obelm", choices=sampler_names(), metavar="NAME",
-                       help=f"one of {', '.join(sampler_names())} (default obelm)")
-        p.add_argument("--steps", type=int, default=steps, help=f"sampling steps N (default {steps})")
-        p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale")
-        p.add_argument("--seed", type=int, default=0, help="seed (sample i uses seed + i)")
-        p.add_argument("--num", type=int, default=num, help="number of images")
-        p.add_argument("--out", default=None, help="output folder (default outputs/COMMAND)")
-        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads of torch and of numpy/scipy's BLAS; default $BELM_THREADS, else $OMP_NUM_THREADS, else 1 (safe on a "
+                            "shared machine); 0 = torch's default (one per core)")
+        p.add_argument("--no-progress", action="store_true",
+                       help="hide progress bars, diffusers'/transformers' loading bars and their warnings")
         p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
-    p = sub.add_parser("demo", help="the tour: reconstruction, editing, interpolation, sampling, FD")
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--quick", action="store_true", help="fewer images and steps (a smoke test)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    def common(p: argparse.ArgumentParser, steps: int = 50, num: int = 16, guidance: float = 1.0) -> None:
+        p.add_argument("--model", default="digits",
+                       help="'digits' (bundled) or a local diffusers folder: a Stable Diffusion 1.x/2.x pipeline "
+                            "folder or a pixel UNet2DModel pipeline folder")
+        p.add_argument("--sampler", default="obelm", choices=sampler_names(), metavar="NAME",
+                       help=f"one of {', '.join(sampler_names())}")
+        p.add_argument("--steps", type=int, default=steps, help="sampling steps N")
+        p.add_argument("--spacing", default=None, choices=SPACING_CHOICES,
+                       help="sampling grid: linspace, leading, trailing, or config (the model's scheduler "
+                            "config); default: belm's default for the sampler (printed)")
+        p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale (1 = none)")
+        p.add_argument("--gamma", type=float, default=None, help="BDIA's gamma in (0, 1] (--sampler bdia; "
+                       "default 1.0)")
+        p.add_argument("--p", type=float, default=None, help="EDICT's mixing p in (0, 1) (--sampler edict; "
+                       "default 0.93)")
+        p.add_argument("--seed", type=int, default=0, help="seed (sample i uses seed + i; picks held-out digits)")
+        p.add_argument("--num", type=int, default=num, help="number of images")
+        p.add_argument("--out", default=None, help="output folder (default outputs/COMMAND)")
+        p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
+        p.add_argument("--dtype", default="float32", choices=DTYPES,
+                       help="dtype of the network (the sampler state stays float64)")
+        p.add_argument("--null-class", type=int, default=None,
+                       help="class-conditional folders: the unconditional class id, needed for --guidance != 1 "
+                            "(digits: built in)")
+        p.add_argument("--negative-prompt", default=None,
+                       help="Stable Diffusion: the unconditional prompt of guidance (default: empty prompt)")
+        run_options(p)
 
-    p = sub.add_parser("sample", help="generate images from seeds")
+    def batch(p: argparse.ArgumentParser, default: Optional[int], what: str) -> None:
+        p.add_argument("--batch-size", type=int, default=default, help=what)
+
+    p = sub.add_parser("demo", help="the tour: reconstruction, editing, interpolation, sampling, FD",
+                       formatter_class=_Formatter)
+    p.add_argument("--out", default="outputs/demo", help="output folder")
+    p.add_argument("--quick", action="store_true", help="fewer images and steps (a smoke test)")
+    run_options(p)
+
+    p = sub.add_parser("sample", help="generate images from seeds", formatter_class=_Formatter)
     common(p, num=16, guidance=3.0)
     p.add_argument("--target", default=None, help="class id (digits) or prompt (SD); default: all classes in turn")
-    p.add_argument("--batch-size", type=int, default=64)
+    batch(p, 64, "images per sampling pass (bits depend on the batch composition)")
 
-    p = sub.add_parser("reconstruct", help="invert and resample images; report the error")
+    p = sub.add_parser("reconstruct", help="invert and resample images; report the error", formatter_class=_Formatter)
     common(p)
-    p.add_argument("--image", action="append", default=None, help="image file (repeatable); digits: held-out set")
+    p.add_argument("--image", action="append", default=None,
+                   help="image file (repeatable); digits: --num held-out digits. Pixel models resize to their "
+                        "square size (a warning says so); SD center-crops to a multiple of the VAE factor")
     p.add_argument("--source", default=None, help="condition used for both directions (class id or prompt)")
+    batch(p, None, "images per invert/sample pass (default: all at once)")
 
-    p = sub.add_parser("edit", help="invert with --source up to --freeze, resample with --target")
+    p = sub.add_parser("edit", help="invert with --source up to --freeze, resample with --target",
+                       formatter_class=_Formatter)
     common(p, guidance=3.0)
-    p.add_argument("--image", action="append", default=None, help="image file (repeatable); digits: held-out set")
-    p.add_argument("--source", required=True, help="source class id (digits) or prompt (SD)")
-    p.add_argument("--target", required=True, help="target class id (digits) or prompt (SD)")
-    p.add_argument("--freeze", type=int, default=None, help="inversion stops at this level (0 = full noise); "
-                   "default: 0 for digits")
-    p.add_argument("--inversion-guidance", type=float, default=1.0)
+    p.add_argument("--image", action="append", default=None,
+                   help="image file (repeatable); digits: held-out digits of class --source")
+    p.add_argument("--source", default=None, help="source class id (digits) or prompt (SD); required")
+    p.add_argument("--target", default=None, help="target class id (digits) or prompt (SD); required")
+    p.add_argument("--freeze", type=int, default=None,
+                   help="inversion stops at this level (0 = full noise); default 0")
+    p.add_argument("--inversion-guidance", type=float, default=1.0, help="guidance scale of the inversion")
+    batch(p, None, "images per invert/sample pass (default: all at once)")
 
-    p = sub.add_parser("interpolate", help="interpolate between two inverted real images")
+    p = sub.add_parser("interpolate", help="interpolate between two inverted real images", formatter_class=_Formatter)
     common(p, num=8)
     p.add_argument("--image", action="append", default=None, help="two image files; digits: two held-out digits")
     p.add_argument("--source", default=None, help="condition for inversion and sampling")
+    batch(p, 1, "frames per sampling pass; 1 samples the end frames in the same batch composition as their "
+                "inversion, so they come back exactly (larger: faster, end frames within ~2e-5)")
 
-    p = sub.add_parser("fd", help="Fréchet distance (FD-digits) of samples to the held-out digits")
-    common(p, num=297, guidance=3.0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p = sub.add_parser("fd", help="Fréchet distance (FD-digits) of samples to the held-out digits",
+                       formatter_class=_Formatter)
+    common(p, num=297, guidance=1.0)
+    batch(p, 128, "images per sampling pass")
     return parser
 
 
 # -- argument checks ----------------------------------------------------------------------
+def _check_device(device: str) -> None:
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                           f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); "
+                           "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); "
+                           f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CLIError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise CLIError(f"--device {device}: belm runs on cpu, cuda or mps; use one of those")
+
+
 def _check(args: argparse.Namespace) -> None:
-    if getattr(args, "steps", 1) < 1:
+    if args.steps < 1:
         raise CLIError(f"--steps must be >= 1; got {args.steps}")
-    if getattr(args, "num", 1) < 1:
+    if args.num < 1:
         raise CLIError(f"--num must be >= 1; got {args.num}")
-    if getattr(args, "batch_size", 1) < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if getattr(args, "guidance", 0.0) < 0:
+    if args.guidance < 0:
         raise CLIError(f"--guidance must be >= 0; got {args.guidance}")
-    if args.command == "edit" and args.freeze is not None and not 0 <= args.freeze < args.steps:
-        raise CLIError(f"--freeze must lie in [0, {args.steps - 1}] (freeze < steps); got {args.freeze}")
+    if args.gamma is not None and args.sampler != "bdia":
+        raise CLIError(f"--gamma applies to --sampler bdia only; got --sampler {args.sampler}")
+    if args.p is not None and args.sampler != "edict":
+        raise CLIError(f"--p applies to --sampler edict only; got --sampler {args.sampler}")
+    if args.gamma is not None and not 0 < args.gamma <= 1:
+        raise CLIError(f"--gamma must lie in (0, 1]; got {args.gamma}")
+    if args.p is not None and not 0 < args.p < 1:
+        raise CLIError(f"--p must lie in (0, 1); got {args.p}")
+    if args.command == "edit":
+        for arg in ("source", "target"):
+            if getattr(args, arg) is None and args.model == "digits":
+                raise CLIError(f"edit needs --{arg} (a class id for --model digits), e.g. --source 3 --target 8")
+        if args.freeze is not None and not 0 <= args.freeze < args.steps:
+            raise CLIError(f"--freeze must lie in [0, {args.steps - 1}] (freeze < steps); got {args.freeze}")
     for path in getattr(args, "image", None) or []:
         if not os.path.isfile(path):
             raise CLIError(f"--image {path}: no such file")
     if args.command == "interpolate" and args.image and len(args.image) != 2:
         raise CLIError(f"--image must be given exactly twice for interpolate; got {len(args.image)}")
-    if args.command != "demo" and args.model != "digits" and not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model}: no such folder; pass 'digits' or a local diffusers folder")
-    if getattr(args, "model", None) == "digits":
+    _check_device(args.device)
+    if args.model != "digits":
+        if not os.path.isdir(args.model):
+            raise CLIError(f"--model {args.model}: no such folder; pass 'digits' or a local diffusers folder")
+        from belm.adapters.stable_diffusion import check_model_folder
+        try:
+            args.model_kind = check_model_folder(args.model)
+        except (ValueError, FileNotFoundError) as err:
+            raise CLIError(f"--model {err}") from None
+        if args.null_class is not None and args.null_class < 0:
+            raise CLIError(f"--null-class must be a class id >= 0; got {args.null_class}")
+        if args.negative_prompt is not None and args.model_kind != "sd":
+            raise CLIError(f"--negative-prompt applies to Stable Diffusion folders; {args.model} is a pixel model")
+    else:
+        if args.negative_prompt is not None:
+            raise CLIError("--negative-prompt applies to Stable Diffusion folders, not --model digits")
+        if args.null_class is not None:
+            raise CLIError("--null-class: --model digits has its null class built in; omit --null-class")
         # Known without loading the model, so a typo fails before any work.
         from belm.models.data import NUM_CLASSES
         for arg in ("source", "target"):
@@ -111,6 +252,10 @@ def _check(args: argparse.Namespace) -> None:
             if value is not None and (not str(value).lstrip("-").isdigit() or not 0 <= int(value) < NUM_CLASSES):
                 raise CLIError(f"--{arg} must be a class id in [0, {NUM_CLASSES - 1}] for --model digits; "
                                f"got {value!r}")
+    _check_out(args)
+
+
+def _check_out(args: argparse.Namespace) -> None:
     from belm.apps.io import check_writable
     args.out = args.out or os.path.join("outputs", args.command)
     try:
@@ -123,7 +268,7 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return "inf" if math.isinf(v) else f"{v:.3g}"
-        return str(v)
+        return "n/a" if v is None else str(v)
     cells = [list(map(str, header))] + [[fmt(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
@@ -131,31 +276,149 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-# -- commands -----------------------------------------------------------------------------
+# -- quiet libraries ----------------------------------------------------------------------
+def _silence_libraries() -> None:
+    """--no-progress: no loading bars nor warnings from diffusers / transformers / the hub.
+    belm's own warnings stay on."""
+    import warnings
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", module=r"(diffusers|transformers|huggingface_hub|accelerate)(\.|$)")
+    try:
+        from diffusers.utils import logging as dlog
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover - diffusers is a dependency of the CLI's folder models
+        pass
+    try:
+        from transformers.utils import logging as tlog
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# -- the run's settings -------------------------------------------------------------------
+def _spacing_line(model, args) -> str:
+    from belm.schedule import default_spacing
+    chosen = args.spacing or default_spacing(args.sampler)
+    why = "--spacing" if args.spacing else f"default for {args.sampler}"
+    if chosen == "config":
+        config = getattr(model.scheduler, "config", {})
+        get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+        return f"grid: config ({get('timestep_spacing', 'leading') or 'leading'}) ({why})"
+    return f"grid: {chosen} ({why})"
+
+
+def _settings(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """What a summary.json records about the run (enough to repeat it)."""
+    import torch
+
+    from belm import __version__
+    keys = ("model", "sampler", "steps", "spacing", "guidance", "gamma", "p", "seed", "num", "image", "dtype",
+            "device", "batch_size", "source", "target", "freeze", "inversion_guidance", "null_class",
+            "negative_prompt")
+    settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    settings["threads"] = torch.get_num_threads()
+    if settings.get("image") and args.command in ("reconstruct", "edit"):
+        settings["num"] = len(settings["image"])   # --num picks held-out digits; files are all used
+    return {"command": "belm " + " ".join(argv), "belm_version": __version__, "torch_version": torch.__version__,
+            "settings": settings}
+
+
+def _sampler_options(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("gamma", args.gamma), ("p", args.p)) if v is not None}
+
+
+# -- models and images ----------------------------------------------------------------------
 def _load(args: argparse.Namespace):
+    import torch
+
     from belm.apps.models import load_model
-    return load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.null_class is not None:
+        if model.num_classes is None:
+            raise CLIError(f"--null-class: {args.model} is not class-conditional; omit --null-class")
+        if not 0 <= args.null_class < model.num_classes:
+            raise CLIError(f"--null-class must lie in [0, {model.num_classes - 1}]; got {args.null_class}")
+        model.null_class = args.null_class
+    if args.negative_prompt is not None and model.prompted:
+        _use_negative_prompt(model, args.negative_prompt)
+    if model.num_classes is not None and model.null_class is None and args.guidance != 1.0 \
+            and args.command in ("sample", "edit", "fd", "reconstruct", "interpolate"):
+        raise CLIError(f"--guidance {args.guidance:g} on the class-conditional {args.model} needs "
+                       "--null-class ID (its unconditional class id), or use --guidance 1")
+    args.grid = _spacing_line(model, args)
+    args.settings["settings"]["grid"] = args.grid.removeprefix("grid: ")
+    print(args.grid)
+    return model
 
 
-def _digits_images(model, args, label: Optional[int] = None):
+def _use_negative_prompt(model, text: str) -> None:
+    """Route ``--negative-prompt`` into the handle's ε functions (the handle's own ``eps``
+    passes the empty prompt)."""
+    def eps(condition: Any = None, guidance: float = 1.0, batch: int = 1):
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0; got {guidance}")
+        return model.sd.eps(prompt=condition or "", guidance_scale=guidance, negative_prompt=text)
+    model.eps = eps
+
+
+def _load_images(model, paths: list[str]):
+    """The --image files as (B, C, H, W) in [−1, 1]; one line per problem (sizes, resizing)."""
+    from belm.adapters.images import load_image
+    if model.prompted:
+        parts = [model.sd.preprocess(load_image(p)) for p in paths]
+        sizes = {p: tuple(t.shape[-2:]) for p, t in zip(paths, parts)}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{p} is {w}x{h}" for p, (h, w) in sizes.items())
+            raise CLIError(f"--image: the images must have the same size (after cropping to multiples of "
+                           f"{model.sd.vae_factor}): {listed}; resize them to one size first")
+        import torch
+        return torch.cat(parts)
+    C, H, W = model.shape
+    for p in paths:
+        from PIL import Image
+        with Image.open(p) as im:
+            size = im.size
+        if size != (W, H):
+            print(f"belm: warning: --image {p} is {size[0]}x{size[1]}; resized to the model's {W}x{H}"
+                  + (" (not square: the aspect ratio changes)" if size[0] != size[1] else ""), file=sys.stderr)
+    return model.load_images(paths)
+
+
+def _digits_images(model, args, label: Optional[int] = None, num: Optional[int] = None):
     """Held-out digits (optionally of one class), chosen by --seed; or the --image files."""
     import torch
+    num = args.num if num is None else num
     if args.image:
-        return model.load_images(args.image), None
+        return _load_images(model, args.image), None
     if model.name != "digits":
-        raise CLIError("--image is required for models other than 'digits'")
+        raise CLIError(f"--image is required for --model {args.model} (only 'digits' has a bundled image set)")
     from belm.models import digits_dataset
     images, labels = digits_dataset("heldout")
     if label is not None:
         keep = labels == label
         images, labels = images[keep], labels[keep]
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
-    take = order[: args.num]
-    if len(take) < args.num:
-        raise CLIError(f"--num {args.num}: only {len(take)} held-out digits are available")
+    take = order[:num]
+    if len(take) < num:
+        raise CLIError(f"--num {num}: only {len(take)} held-out digits are available")
     return images[take], labels[take]
 
 
+def _picture_scale(model) -> Optional[int]:
+    """Upscale pictures of small pixel images only (None: by size); latent models: as they are."""
+    return 1 if model.kind == "latent" else None
+
+
+def _save_scale(model, images) -> int:
+    from belm.apps.io import grid_scale
+    return 1 if model.kind == "latent" else grid_scale(*images.shape[-2:])
+
+
+# -- commands -----------------------------------------------------------------------------
 def cmd_reconstruct(args: argparse.Namespace) -> dict:
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid
@@ -164,46 +427,73 @@ def cmd_reconstruct(args: argparse.Namespace) -> dict:
     condition = model.parse_condition(args.source, "--source")
     if condition is None and labels is not None:
         condition = labels.tolist()
-    progress = not args.no_progress
     samplers = [args.sampler] + (["ddim"] if args.sampler != "ddim" else [])
+    spacing = args.spacing
+    if spacing is None:  # DDIM beside it on the same grid, so the comparison is like for like
+        from belm.schedule import default_spacing
+        spacing = default_spacing(args.sampler)
     results = {name: tasks.reconstruct(model, images, sampler=name, steps=args.steps, condition=condition,
-                                       guidance=args.guidance, progress=progress) for name in samplers}
-    summary = dict(tasks.psnr_summary(results[args.sampler]["latent"]), sampler=args.sampler, steps=args.steps,
-                   num=len(images), model=model.name)
+                                       guidance=args.guidance, progress=not args.no_progress, spacing=spacing,
+                                       sampler_options=_sampler_options(args) if name == args.sampler else None,
+                                       batch_size=args.batch_size)
+               for name in samplers}
+    main = results[args.sampler]
+    summary: dict[str, Any] = dict(tasks.psnr_summary(main["latent"]), num=len(images), **args.settings)
+    summary["exactness"] = dict(tasks.psnr_summary(main["latent"]),
+                                what="sample(invert(x0)) vs x0 in the model's space (latent for SD): the sampler")
+    rows = [[name, "sampler (latent)" if model.kind == "latent" else "sampler",
+             *tasks.psnr_summary(r["latent"]).values()] for name, r in results.items()]
     if model.kind == "latent":
-        summary["pixel"] = tasks.psnr_summary(results[args.sampler]["pixel"])
+        summary["end_to_end"] = dict(tasks.psnr_summary(main["pixel"]),
+                                     what="decoded reconstruction vs the input image: dominated by the VAE")
+        summary["vae_round_trip"] = dict(tasks.psnr_summary(main["vae"]),
+                                         what="decode(encode(image)) vs the input image, no sampler")
+        rows.append([args.sampler, "end to end (pixels)", *tasks.psnr_summary(main["pixel"]).values()])
+        rows.append(["-", "VAE round trip (pixels)", *tasks.psnr_summary(main["vae"]).values()])
     if "ddim" in results and args.sampler != "ddim":
         summary["ddim"] = tasks.psnr_summary(results["ddim"]["latent"])
-    rows = [[name, *tasks.psnr_summary(r["latent"]).values()] for name, r in results.items()]
     with OutputDir(args.out) as out:
-        save_grid(out, [images] + [r["reconstruction"] for r in results.values()], "reconstruction.png")
+        save_grid(out, [images] + [r["reconstruction"] for r in results.values()], "reconstruction.png",
+                  scale=_picture_scale(model))
         out.write_json("summary.json", summary)
-    print(_table(rows, ["sampler", "max_abs_error", "mse", "psnr"]))
+    print(_table(rows, ["sampler", "figure", "max_abs_error", "mse", "psnr"]))
     return summary
 
 
 def cmd_edit(args: argparse.Namespace) -> dict:
+    import torch
+
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid, save_images
     model = _load(args)
+    if not model.prompted and model.num_classes is None:
+        raise CLIError(f"edit needs a conditional model (class labels or prompts); {args.model} is unconditional. "
+                       "Use reconstruct or interpolate, or a class-conditional / text-to-image model")
+    for arg in ("source", "target"):
+        if getattr(args, arg) is None:
+            what = "a prompt" if model.prompted else "a class id"
+            raise CLIError(f"edit needs --{arg} ({what} for --model {args.model})")
     source = model.parse_condition(args.source, "--source")
     target = model.parse_condition(args.target, "--target")
     freeze = args.freeze if args.freeze is not None else 0
     images, _ = _digits_images(model, args, label=source if not model.prompted else None)
-    edited = tasks.edit(model, images, source, target, sampler=args.sampler, steps=args.steps, freeze=freeze,
-                        guidance=args.guidance, inversion_guidance=args.inversion_guidance,
-                        progress=not args.no_progress)
-    summary: dict[str, Any] = dict(sampler=args.sampler, steps=args.steps, freeze=freeze, guidance=args.guidance,
-                                   source=args.source, target=args.target, num=len(images), model=model.name)
+    step = args.batch_size or len(images)
+    edited = torch.cat([
+        tasks.edit(model, images[i:i + step], source, target, sampler=args.sampler, steps=args.steps, freeze=freeze,
+                   guidance=args.guidance, inversion_guidance=args.inversion_guidance,
+                   progress=not args.no_progress, spacing=args.spacing, sampler_options=_sampler_options(args))
+        for i in range(0, len(images), step)])
+    summary: dict[str, Any] = dict(num=len(images), **args.settings)
+    summary["settings"]["freeze"] = freeze
     predicted = tasks.classify(model, edited)
     if predicted is not None:
         summary["success_rate"] = float((predicted == target).float().mean())
     with OutputDir(args.out) as out:
-        save_grid(out, [images, edited], "edit.png")
+        save_grid(out, [images, edited], "edit.png", scale=_picture_scale(model))
         save_images(out, edited, [f"edited_{i:03d}.png" for i in range(len(edited))],
-                    scale=4 if model.name == "digits" else 1)
+                    scale=_save_scale(model, edited))
         out.write_json("summary.json", summary)
-    print(_table([[args.source, args.target, freeze, args.guidance, summary.get("success_rate", "n/a")]],
+    print(_table([[args.source, args.target, freeze, args.guidance, summary.get("success_rate")]],
                  ["source", "target", "freeze", "guidance", "success_rate"]))
     return summary
 
@@ -212,20 +502,16 @@ def cmd_interpolate(args: argparse.Namespace) -> dict:
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid
     model = _load(args)
-    if args.image:
-        images, labels = model.load_images(args.image), None
-    else:
-        args_two = argparse.Namespace(**{**vars(args), "num": 2})
-        images, labels = _digits_images(model, args_two)
+    images, _ = _digits_images(model, args, num=2)
     condition = model.parse_condition(args.source, "--source")
     strip = tasks.interpolate(model, images[:1], images[1:2], num=args.num, sampler=args.sampler,
                               steps=args.steps, condition=condition, guidance=args.guidance,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, spacing=args.spacing,
+                              sampler_options=_sampler_options(args), batch_size=args.batch_size)
     endpoint_error = max(float((strip[0] - images[0]).abs().max()), float((strip[-1] - images[1]).abs().max()))
-    summary = dict(sampler=args.sampler, steps=args.steps, num=args.num, endpoint_max_abs_error=endpoint_error,
-                   model=model.name)
+    summary = dict(endpoint_max_abs_error=endpoint_error, **args.settings)
     with OutputDir(args.out) as out:
-        save_grid(out, [strip], "interpolation.png")
+        save_grid(out, [strip], "interpolation.png", scale=_picture_scale(model))
         out.write_json("summary.json", summary)
     print(_table([[args.sampler, args.num, endpoint_error]], ["sampler", "frames", "endpoint_max_abs_error"]))
     return summary
@@ -250,16 +536,17 @@ def cmd_sample(args: argparse.Namespace) -> dict:
     cond_mine = [conditions[seeds.index(s)] for s in mine] if isinstance(conditions, list) else conditions
     t0 = time.perf_counter()
     images = tasks.generate(model, mine, sampler=args.sampler, steps=args.steps, condition=cond_mine,
-                            guidance=args.guidance, batch_size=args.batch_size, progress=not args.no_progress)
+                            guidance=args.guidance, batch_size=args.batch_size, progress=not args.no_progress,
+                            spacing=args.spacing, sampler_options=_sampler_options(args))
     images = gather_in_order(images, mine, seeds)
     if images is None:  # a non-zero rank of a sharded run: rank 0 writes
         return {}
-    summary = dict(sampler=args.sampler, steps=args.steps, num=args.num, seed=args.seed, guidance=args.guidance,
-                   seconds=time.perf_counter() - t0, model=model.name)
+    summary = dict(seconds=time.perf_counter() - t0, **args.settings)
     with OutputDir(args.out) as out:
         ncol = 10 if model.num_classes == 10 else 8
-        save_grid(out, [images[i:i + ncol] for i in range(0, len(images), ncol)], "grid.png")
-        save_images(out, images, [f"sample_{s:06d}.png" for s in seeds], scale=4 if model.name == "digits" else 1)
+        save_grid(out, [images[i:i + ncol] for i in range(0, len(images), ncol)], "grid.png",
+                  scale=_picture_scale(model))
+        save_images(out, images, [f"sample_{s:06d}.png" for s in seeds], scale=_save_scale(model, images))
         import torch
         from safetensors.torch import save_file
         save_file({"images": images.contiguous().to(torch.float32)}, str(out.file("samples.safetensors")))
@@ -279,25 +566,22 @@ def cmd_fd(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seed, args.seed + args.num))
     images = tasks.generate(model, seeds, sampler=args.sampler, steps=args.steps,
                             condition=[s % 10 for s in seeds], guidance=args.guidance,
-                            batch_size=args.batch_size, progress=not args.no_progress)
+                            batch_size=args.batch_size, progress=not args.no_progress,
+                            spacing=args.spacing, sampler_options=_sampler_options(args))
     fd = tasks.fd_to_reference(model, images, reference)
-    summary = dict(fd=fd, sampler=args.sampler, steps=args.steps, num=args.num, guidance=args.guidance,
-                   reference="digits held-out", model=model.name)
+    summary = dict(fd=fd, reference="digits held-out", **args.settings)
     with OutputDir(args.out) as out:
         save_grid(out, [images[i:i + 10] for i in range(0, min(len(images), 100), 10)], "samples.png")
         out.write_json("summary.json", summary)
-    print(_table([[args.sampler, args.steps, args.num, fd]], ["sampler", "steps", "num", "fd_digits"]))
+    print(_table([[args.sampler, args.steps, args.num, args.guidance, fd]],
+                 ["sampler", "steps", "num", "guidance", "fd_digits"]))
     return summary
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
     from belm.apps.demo import run_demo
-    from belm.apps.io import check_writable
-    try:
-        check_writable(args.out)
-    except (ValueError, PermissionError) as err:
-        raise CLIError(str(err)) from None
-    return run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    _check_out(args)
+    return run_demo(args.out, quick=args.quick, progress=not args.no_progress, settings=args.settings)
 
 
 COMMANDS = {"demo": cmd_demo, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "edit": cmd_edit,
@@ -309,21 +593,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:       # argparse printed its one-line usage error
+    except SystemExit as exc:       # argparse printed its one-line usage error (or --help / --version)
         return int(exc.code or 0)
     if args.command is None:
         parser.print_help()
         return 2
     debug = args.debug or "--debug" in argv
+    from belm.errors import BELMError
     try:
+        import torch
+        threads = resolve_threads(args.threads)
+        if threads > 0:
+            _pin_threads(threads)
+        if args.no_progress:
+            _silence_libraries()
         if args.command != "demo":
             _check(args)
+        args.settings = _settings(args, argv)
         COMMANDS[args.command](args)
         return 0
     except CLIError as err:
+        if debug:
+            raise
         print(f"belm {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, FileNotFoundError, PermissionError, OSError) as err:
+    except (BELMError, ValueError, TypeError, FileNotFoundError, PermissionError, OSError) as err:
         if debug:
             raise
         print(f"belm {args.command}: error: {err}", file=sys.stderr)

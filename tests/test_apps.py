@@ -59,3 +59,33 @@ def test_output_dir_moves_files_only_on_success(tmp_path):
         out.write_json("summary.json", {"a": 1})
     assert (tmp_path / "ok" / "summary.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
+def test_output_dir_replaces_its_own_files_only(tmp_path, capsys):
+    out_path = tmp_path / "out"
+    out_path.mkdir()
+    (out_path / "before_belm.txt").write_text("user")
+    with OutputDir(out_path) as out:
+        out.write_text("a.txt", "1")
+        out.write_text("b.txt", "1")
+    assert "before_belm.txt" in capsys.readouterr().err          # named once, kept
+    (out_path / "later_user.txt").write_text("user")
+    with OutputDir(out_path) as out:
+        out.write_text("a.txt", "2")
+    names = sorted(p.name for p in out_path.iterdir())
+    assert names == [".belm-outputs.json", "a.txt", "before_belm.txt", "later_user.txt"]
+    assert (out_path / "a.txt").read_text() == "2"
+    assert capsys.readouterr().err == ""                          # the record says what is belm's
+
+
+def test_grids_upscale_small_images_only(tmp_path):
+    from PIL import Image
+
+    from belm.apps.io import save_grid
+    with OutputDir(tmp_path / "g") as out:
+        save_grid(out, [torch.zeros(2, 1, 16, 16)], "small.png")
+        save_grid(out, [torch.zeros(2, 3, 128, 96)], "large.png")
+        save_grid(out, [torch.zeros(2, 3, 16, 16)], "latent_model.png", scale=1)
+    assert Image.open(tmp_path / "g" / "small.png").size == (4 * (2 * 17 + 1), 4 * 18)
+    assert Image.open(tmp_path / "g" / "large.png").size == (2 * 97 + 1, 130)
+    assert Image.open(tmp_path / "g" / "latent_model.png").size == (2 * 17 + 1, 18)

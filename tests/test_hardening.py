@@ -233,6 +233,7 @@ def test_every_cli_command_is_deterministic(tmp_path, command):
         files = sorted(p for p in (tmp_path / name).iterdir() if p.suffix in (".png", ".safetensors"))
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         summary.pop("seconds", None)
+        summary.pop("command")          # names the --out folder, which differs on purpose
         outputs.append(([p.read_bytes() for p in files], summary))
     assert outputs[0] == outputs[1]
 
@@ -293,3 +294,25 @@ def test_no_unsafe_deserialisation_in_the_package():
     assert hits == []
     # and weights are shipped only as safetensors
     assert not list(root.rglob("*.bin")) and not list(root.rglob("*.pt")) and not list(root.rglob("*.pkl"))
+
+
+# -- DiffusersEps caches the network's dtype/device (issue 15) ---------------------------------
+def test_diffusers_eps_reads_dtype_device_once_and_follows_a_move(monkeypatch):
+    from belm.adapters import eps as eps_module
+    from tiny_models import tiny_unet
+    unet, scheduler = tiny_unet()
+    walks = []
+    real = eps_module._model_dtype_device
+    monkeypatch.setattr(eps_module, "_model_dtype_device", lambda m: walks.append(1) or real(m))
+    eps = eps_module.DiffusersEps(unet, scheduler)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = eps(x, 500)
+    for t in (400, 300, 200):
+        eps(x, t)
+    assert len(walks) == 1                     # one module walk for four calls
+    unet.to(torch.float64)                     # moved in place: the probe parameter sees it
+    moved = eps(x, 500)
+    assert len(walks) == 2 and eps._model_dtype_device()[0] == torch.float64
+    expected = unet(x, torch.tensor([500, 500])).sample
+    assert torch.equal(moved, expected)        # the float64 network ran, on the float64 input as is
+    assert not torch.equal(moved, first)       # and not the cached float32 path

@@ -13,6 +13,7 @@ distribution (no sampling), so it is deterministic. There is no sampler logic he
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -22,7 +23,99 @@ import torch
 from belm.adapters.eps import PREDICTION_TYPES, DiffusersEps, _config_get, _model_dtype_device
 from belm.adapters.images import ImageInput, to_pil, to_tensor
 
-__all__ = ["StableDiffusion", "COMPONENTS"]
+__all__ = ["StableDiffusion", "COMPONENTS", "SUPPORTED_SCHEDULERS", "check_scheduler_config", "check_model_folder"]
+
+#: diffusers scheduler classes whose config describes a discrete variance-preserving
+#: schedule (``alphas_cumprod`` from betas), the only kind belm's samplers handle today.
+SUPPORTED_SCHEDULERS: frozenset[str] = frozenset({
+    "DDIMScheduler", "DDIMInverseScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "DPMSolverMultistepInverseScheduler", "UniPCMultistepScheduler",
+    "DEISMultistepScheduler", "BELMScheduler", "BELMInverseScheduler",
+})
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {str(path)!r}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} is not a JSON object")
+    return data
+
+
+def check_scheduler_config(config: dict, where: str) -> None:
+    """Refuse schedulers belm cannot run exactly yet (flow matching, continuous σ, unknown classes).
+
+    Args:
+        config: the scheduler's config (``scheduler_config.json`` as a dict).
+        where: the file it came from, for the message.
+
+    Raises:
+        ValueError: one line naming the class and what to do.
+    """
+    name = config.get("_class_name")
+    flow = (isinstance(name, str) and name.startswith("Flow")) or config.get("use_flow_sigmas") \
+        or config.get("prediction_type") == "flow_prediction"
+    if flow:
+        raise ValueError(f"{where}: {name or 'the scheduler'} is a flow-matching scheduler; belm supports discrete "
+                         "VP (DDPM/DDIM-style) schedules only so far, so this model would be run on the wrong "
+                         "noise schedule. Use a DDPM/DDIM-trained model")
+    if name is not None and name not in SUPPORTED_SCHEDULERS:
+        raise ValueError(f"{where}: unknown scheduler class {name!r}; belm supports discrete VP schedulers "
+                         f"({', '.join(sorted(SUPPORTED_SCHEDULERS))}). If the model was trained with a DDPM "
+                         "schedule, set \"_class_name\": \"DDIMScheduler\" in that file")
+
+
+def check_model_folder(folder: str | os.PathLike) -> str:
+    """What kind of local diffusers folder this is, refusing what belm cannot load yet.
+
+    Returns:
+        "sd" (a Stable Diffusion 1.x/2.x pipeline folder) or "pixel" (a pixel-space UNet2DModel
+        folder, or a pipeline folder with ``unet/`` and ``scheduler/`` and no VAE).
+
+    Raises:
+        ValueError: one line naming the folder and the fix: a component subfolder (e.g.
+            ``…/unet``) instead of the pipeline folder; SDXL, SD3/FLUX-class (transformer)
+            pipelines; unknown or flow-matching schedulers.
+        FileNotFoundError: not a diffusers folder at all.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r}: no such folder")
+    index_file = folder / "model_index.json"
+    index = _read_json(index_file) if index_file.is_file() else {}
+    cls = str(index.get("_class_name", ""))
+    if not index and (folder / "config.json").is_file():
+        cfg = _read_json(folder / "config.json")
+        own = str(cfg.get("_class_name", ""))
+        if own != "UNet2DModel" or (folder.parent / "model_index.json").is_file():
+            raise ValueError(f"{str(folder)!r} holds one component ({own or 'config.json'}), not a pipeline; "
+                             f"pass the pipeline folder that contains it ({str(folder.parent)!r})")
+        if (folder / "scheduler_config.json").is_file():
+            check_scheduler_config(_read_json(folder / "scheduler_config.json"),
+                                   str(folder / "scheduler_config.json"))
+        return "pixel"
+    if not index and (folder / "scheduler_config.json").is_file():
+        raise ValueError(f"{str(folder)!r} holds one component (a scheduler), not a pipeline; pass the pipeline "
+                         f"folder that contains it ({str(folder.parent)!r})")
+    if "XL" in cls or "text_encoder_2" in index:
+        raise ValueError(f"{str(folder)!r} is a Stable Diffusion XL pipeline ({cls or 'text_encoder_2'}); SDXL is "
+                         "not supported yet: use a Stable Diffusion 1.x/2.x folder")
+    if "transformer" in index or (folder / "transformer").is_dir():
+        raise ValueError(f"{str(folder)!r} is a transformer pipeline ({cls or 'transformer/'}, SD3/FLUX class); not "
+                         "supported yet: use a Stable Diffusion 1.x/2.x or a pixel UNet folder")
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        check_scheduler_config(_read_json(sched_file), str(sched_file))
+    if "vae" in index or (folder / "vae").is_dir():
+        return "sd"
+    if not (folder / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r}: no unet/config.json (nor model_index.json with a vae); not a "
+                                "diffusers pipeline folder")
+    return "pixel"
 
 #: The pipeline components the adapter needs.
 COMPONENTS: tuple[str, ...] = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
@@ -117,7 +210,12 @@ class StableDiffusion:
             raise FileNotFoundError(f"Stable Diffusion folder not found: {str(folder)!r} (pass a local folder "
                                     "written by StableDiffusionPipeline.save_pretrained; hub ids are not supported)")
         if not (folder / "model_index.json").is_file():
+            if (folder / "config.json").is_file() and (folder.parent / "model_index.json").is_file():
+                raise FileNotFoundError(f"{str(folder)!r} is one component of a pipeline; pass the pipeline folder "
+                                        f"({str(folder.parent)!r})")
             raise FileNotFoundError(f"{str(folder)!r} is not a diffusers pipeline folder: model_index.json is missing")
+        if check_model_folder(folder) != "sd":
+            raise FileNotFoundError(f"{str(folder)!r} has no 'vae' component; it is not a Stable Diffusion folder")
         for name in COMPONENTS:
             sub = folder / name
             if not sub.is_dir():

@@ -52,8 +52,10 @@ def _order(Ns, errs) -> float:
     return float(-np.polyfit(np.log(Ns), np.log(errs), 1)[0])
 
 
-def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True) -> dict:
-    """Run the tour and write ``out_dir/report.md`` with its pictures. Returns the figures."""
+def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True, settings: dict | None = None) -> dict:
+    """Run the tour and write ``out_dir/report.md`` with its pictures. Returns the figures.
+
+    ``settings``: the run's record (command, version, threads…) stored in summary.json."""
     t_start = time.perf_counter()
     model = load_model("digits")
     from belm.models import digits_dataset
@@ -100,7 +102,9 @@ def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True) -> dic
 
         # 3. interpolation between two inverted real digits
         a, b = heldout[pick[:1]], heldout[pick[1:2]]
-        strip = tasks.interpolate(model, a, b, num=8, sampler="obelm", steps=50, condition=None, progress=progress)
+        # Frames one at a time: the end frames then see the batch composition of their inversion.
+        strip = tasks.interpolate(model, a, b, num=8, sampler="obelm", steps=50, condition=None, progress=progress,
+                                  batch_size=1)
         figures["interpolation_endpoint_error"] = max(float((strip[0] - a[0]).abs().max()),
                                                      float((strip[-1] - b[0]).abs().max()))
         save_grid(out, [strip], "interpolation.png")
@@ -166,8 +170,9 @@ Success rate by the bundled classifier: **{success:.2f}** ({len(src)} digits).
 
 ## Interpolation between two inverted real digits (O-BELM, N = 50)
 
-Both tensors of the latent pair are slerped with the same weight; endpoint error
-{_fmt(figures["interpolation_endpoint_error"])}.
+Both tensors of the latent pair are slerped with the same weight; the frames are sampled one
+at a time (the batch composition of the inversion), so the end frames come back exactly:
+endpoint error {_fmt(figures["interpolation_endpoint_error"])}.
 
 ![interpolation](interpolation.png)
 
@@ -187,7 +192,7 @@ For scale: FD-digits between the two halves of the held-out set is
 ![convergence](convergence.png)
 """
         out.write_text("report.md", report)
-        out.write_json("summary.json", figures)
+        out.write_json("summary.json", {**(settings or {}), **figures, "threads": torch.get_num_threads()})
     print(f"belm demo: wrote {out_dir}/report.md ({elapsed:.0f} s)")
     print(_md_table(["sampler"] + [f"rec N={N}" for N in rec_steps], rec_rows))
     print(f"edit success rate: {success:.2f}")

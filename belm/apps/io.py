@@ -1,10 +1,19 @@
-"""Output folders that are never half-written, and picture helpers."""
+"""Output folders that are never half-written nor stale, strict JSON, and picture helpers.
+
+An output folder belongs to the user: belm records the files it wrote in
+``.belm-outputs.json`` and, when the folder is reused, replaces exactly those (files of
+the earlier run that this run does not write are removed); any other file in the folder is
+left alone (and named once on stderr if it predates belm's record, so nothing is deleted
+silently nor kept silently).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -12,7 +21,26 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["OutputDir", "to_uint8", "save_grid", "save_images", "check_writable"]
+__all__ = ["OutputDir", "to_uint8", "save_grid", "save_images", "check_writable", "strict_json", "MANIFEST",
+           "grid_scale"]
+
+#: The record of the files belm wrote into an output folder (one JSON list of names).
+MANIFEST = ".belm-outputs.json"
+
+
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by None, so that ``json.dumps(..., allow_nan=False)``
+    succeeds and strict parsers read it (e.g. a PSNR of an exact match, +inf, becomes null).
+    Tuples become lists; dict keys become strings."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {str(k): strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    if isinstance(data, np.generic):
+        return strict_json(data.item())
+    return data
 
 
 def check_writable(out: str | os.PathLike) -> Path:
@@ -36,7 +64,10 @@ def check_writable(out: str | os.PathLike) -> Path:
 class OutputDir:
     """Collect outputs in a hidden staging folder and move them into ``path`` only on success.
 
-    Used as a context manager: an exception inside leaves ``path`` exactly as it was.
+    Used as a context manager: an exception inside leaves ``path`` exactly as it was. On
+    success each new file replaces its namesake atomically (``os.replace``), the files that
+    belm's record (:data:`MANIFEST`) lists from an earlier run and this run did not write are
+    removed, and the record is rewritten. Files belm did not write are kept.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -59,7 +90,8 @@ class OutputDir:
         return target
 
     def write_json(self, name: str, data: Any) -> None:
-        self.file(name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        """Strict JSON (no NaN/Infinity: non-finite floats are written as null)."""
+        self.file(name).write_text(json.dumps(strict_json(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
         self.file(name).write_text(text)
@@ -68,13 +100,40 @@ class OutputDir:
         assert self._stage is not None
         try:
             if exc_type is None:
-                self.path.mkdir(parents=True, exist_ok=True)
-                for name in self.files:
-                    dest = self.path / name
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(self._stage / name, dest)
+                self._commit()
         finally:
             shutil.rmtree(self._stage, ignore_errors=True)
+
+    def _commit(self) -> None:
+        assert self._stage is not None
+        existed = self.path.is_dir()
+        self.path.mkdir(parents=True, exist_ok=True)
+        record = self.path / MANIFEST
+        previous: list[str] = []
+        if record.is_file():
+            try:
+                previous = [str(n) for n in json.loads(record.read_text())]
+            except (ValueError, TypeError):
+                previous = []
+        elif existed:
+            foreign = sorted(p.name for p in self.path.iterdir() if p.name not in self.files)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                print(f"belm: note: {self.path} already held files that belm did not record ({shown}); "
+                      "they are kept. Use an empty --out folder to avoid mixing runs.", file=sys.stderr)
+        new = set(self.files)
+        for name in self.files:
+            dest = self.path / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._stage / name, dest)
+        for name in previous:
+            stale = self.path / name
+            # Only plain files inside the folder that belm wrote before and did not rewrite now.
+            if name not in new and ".." not in Path(name).parts and stale.is_file():
+                stale.unlink()
+        tmp = self._stage / MANIFEST
+        tmp.write_text(json.dumps(sorted(new), indent=0) + "\n")
+        os.replace(tmp, record)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -98,8 +157,18 @@ def save_images(out: OutputDir, images: torch.Tensor, names: Sequence[str], scal
         img.save(out.file(name))
 
 
-def save_grid(out: OutputDir, rows: Iterable[torch.Tensor], name: str, scale: int = 4, pad: int = 1) -> None:
-    """A grid PNG: each element of ``rows`` is a (B, C, H, W) tensor in [−1, 1] (one row)."""
+def grid_scale(height: int, width: int) -> int:
+    """Nearest-neighbour upscaling factor for pictures of small images: 4 up to 32 px, 2 up to
+    64 px, else 1 (Stable Diffusion images stay at their size)."""
+    side = max(height, width)
+    return 4 if side <= 32 else 2 if side <= 64 else 1
+
+
+def save_grid(out: OutputDir, rows: Iterable[torch.Tensor], name: str, scale: int | None = None,
+              pad: int = 1) -> None:
+    """A grid PNG: each element of ``rows`` is a (B, C, H, W) tensor in [−1, 1] (one row).
+
+    ``scale``: nearest-neighbour upscaling; None picks :func:`grid_scale` of the image size."""
     from PIL import Image
     rows = [to_uint8(r) for r in rows]
     H, W, C = rows[0].shape[1:]
@@ -110,5 +179,7 @@ def save_grid(out: OutputDir, rows: Iterable[torch.Tensor], name: str, scale: in
             y, x = pad + i * (H + pad), pad + j * (W + pad)
             canvas[y:y + H, x:x + W] = img
     grid = _pil(canvas)
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    scale = grid_scale(H, W) if scale is None else scale
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     grid.save(out.file(name))

@@ -19,10 +19,11 @@ __all__ = ["reconstruct", "edit", "interpolate", "latent_statistics", "slerp", "
 
 
 def _sampler(model: ModelHandle, name: str, steps: int, condition: Any, guidance: float, progress: bool,
-             spacing: Optional[str] = None):
+             spacing: Optional[str] = None, sampler_options: Optional[dict] = None):
     """A sampler on the model's default grid for ``name`` (or ``spacing``); its ``invert`` warns
     (:class:`~belm.errors.GrowthWarning`) if inverting on that grid blows up the parasitic mode."""
-    return make_sampler(name, model.eps(condition, guidance), model.schedule(steps, spacing, name), progress=progress)
+    return make_sampler(name, model.eps(condition, guidance), model.schedule(steps, spacing=spacing, sampler=name),
+                        progress=progress, **(sampler_options or {}))
 
 
 def latent_statistics(latent: Latent) -> dict:
@@ -32,24 +33,51 @@ def latent_statistics(latent: Latent) -> dict:
 
 
 def reconstruct(model: ModelHandle, images: torch.Tensor, *, sampler: str = "obelm", steps: int = 50,
-                condition: Any = None, guidance: float = 1.0, progress: bool = True) -> dict:
+                condition: Any = None, guidance: float = 1.0, progress: bool = True, spacing: Optional[str] = None,
+                sampler_options: Optional[dict] = None, batch_size: Optional[int] = None) -> dict:
     """Invert images and sample them back with the same condition.
 
-    Returns a dict with ``reconstruction`` (images in [−1, 1]), per-image ``latent`` errors
-    (model space) and, for latent models, ``pixel`` errors of the decoded images.
+    Args:
+        images: (B, C, H, W) in [−1, 1].
+        condition: one condition for all images, or one per image (list).
+        spacing: the grid (None: belm's default for ``sampler``); ``sampler_options``: e.g.
+            ``{"gamma": 0.5}`` for BDIA, ``{"p": 0.9}`` for EDICT.
+        batch_size: images per invert/sample pass (None: all at once). Each batch is inverted
+            and sampled back with the same composition, so exactness does not depend on it.
+
+    Returns a dict with ``reconstruction`` (images in [−1, 1]) and per-image error lists
+    (``max_abs_error``, ``mse``, ``psnr`` each):
+
+    - ``latent``: ``sample(invert(x0))`` against ``x0`` in model space: the sampler's
+      exactness (for pixel models this is also the error against the input image);
+    - latent models only: ``pixel``, the decoded reconstruction against the *input image*
+      (end to end; dominated by the VAE, which is not invertible), and ``vae``, the VAE's
+      own round trip ``decode(encode(image))`` against the input, for scale.
     """
-    s = _sampler(model, sampler, steps, condition, guidance, progress)
-    x0 = model.encode(images)
-    x_rec = s.sample(s.invert(x0))
+    per_image = isinstance(condition, (list, tuple, torch.Tensor))
+    if per_image and len(condition) != len(images):
+        raise ValueError(f"one condition per image expected: {len(condition)} conditions for {len(images)} images")
+    step = batch_size or len(images)
+    if step < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    x0s, recs = [], []
+    for i in range(0, len(images), step):
+        cond = list(condition[i:i + step]) if per_image else condition
+        s = _sampler(model, sampler, steps, cond, guidance, progress, spacing, sampler_options)
+        x0 = model.encode(images[i:i + step])
+        x0s.append(x0)
+        recs.append(s.sample(s.invert(x0)))
+    x0, x_rec = torch.cat(x0s), torch.cat(recs)
     out = {"latent": reconstruction_errors(x0, x_rec), "reconstruction": model.decode(x_rec)}
     if model.kind == "latent":
-        out["pixel"] = reconstruction_errors(model.decode(x0), out["reconstruction"])
+        out["pixel"] = reconstruction_errors(images.to(out["reconstruction"]), out["reconstruction"])
+        out["vae"] = reconstruction_errors(images.to(out["reconstruction"]), model.decode(x0))
     return out
 
 
 def edit(model: ModelHandle, images: torch.Tensor, source: Any, target: Any, *, sampler: str = "obelm",
          steps: int = 50, freeze: int = 0, guidance: float = 3.0, inversion_guidance: float = 1.0,
-         spacing: Optional[str] = None, progress: bool = True) -> dict:
+         spacing: Optional[str] = None, progress: bool = True, sampler_options: Optional[dict] = None) -> dict:
     """Invert with the ``source`` condition up to level ``freeze``, resample with ``target``.
 
     ``freeze`` = 0 inverts all the way to the noisiest level; larger values keep more of the
@@ -63,9 +91,10 @@ def edit(model: ModelHandle, images: torch.Tensor, source: Any, target: Any, *, 
     """
     if not 0 <= freeze < steps:
         raise ValueError(f"freeze must lie in [0, {steps - 1}] (freeze < steps); got {freeze}")
-    inverter = _sampler(model, sampler, steps, source, inversion_guidance, progress, spacing)
+    inverter = _sampler(model, sampler, steps, source, inversion_guidance, progress, spacing, sampler_options)
     lat = inverter.invert(model.encode(images), to_level=freeze)
-    resampler = make_sampler(sampler, model.eps(target, guidance), inverter.schedule, progress=progress)
+    resampler = make_sampler(sampler, model.eps(target, guidance), inverter.schedule, progress=progress,
+                             **(sampler_options or {}))
     edited = model.decode(resampler.sample(lat))
     change = reconstruction_errors(images, edited)
     finite = [p for p in change["psnr"] if math.isfinite(p)]
@@ -98,12 +127,18 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
 def interpolate(model: ModelHandle, image_a: torch.Tensor, image_b: torch.Tensor, *, num: int = 8,
                 sampler: str = "obelm", steps: int = 50, condition: Any = None, guidance: float = 1.0,
                 weights: Optional[Sequence[float]] = None, spacing: Optional[str] = None,
-                reference: Optional[torch.Tensor] = None, progress: bool = True) -> dict:
+                reference: Optional[torch.Tensor] = None, progress: bool = True,
+                sampler_options: Optional[dict] = None, batch_size: Optional[int] = None) -> dict:
     """Frames between pairs of *inverted real images*: image_a[i] ↔ image_b[i], each (B, C, H, W).
 
     Every tensor of the two latents (for 2-step methods the pair x_0, x_1) is slerped with
     the same weight, so weight 0 and 1 give back the originals exactly. ``weights``
     default to ``num`` evenly spaced values in [0, 1].
+
+    ``batch_size``: frames per sampling pass (None: all at once). image_a and image_b are
+    inverted as two batches of B, so with B = 1 and ``batch_size=1`` the end frames are
+    sampled in the batch composition of their inversion and come back to float64 rounding;
+    in larger batches float32 kernels round differently (endpoint error ~1e-5 on digits).
 
     Returns a dict: ``frames`` (len(weights), B, C, H, W) in [−1, 1]; ``weights``;
     ``endpoint_max_abs_error`` (frames at weight 0 / 1 against the inputs; None if neither
@@ -122,16 +157,18 @@ def interpolate(model: ModelHandle, image_a: torch.Tensor, image_b: torch.Tensor
     if image_a.shape != image_b.shape:
         raise ValueError(f"image_a and image_b must have the same shape; got {tuple(image_a.shape)} and "
                          f"{tuple(image_b.shape)}")
-    s = _sampler(model, sampler, steps, condition, guidance, progress, spacing)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    s = _sampler(model, sampler, steps, condition, guidance, progress, spacing, sampler_options)
     B = image_a.shape[0]
-    both = s.invert(model.encode(torch.cat([image_a, image_b])))
-    if type(both) is not Latent:
+    la, lb = s.invert(model.encode(image_a)), s.invert(model.encode(image_b))
+    if type(la) is not Latent:
         raise ValueError("interpolation needs float latents (exact='float')")
-    la = both.replace(states=[x[:B] for x in both.states])
-    lb = both.replace(states=[x[B:] for x in both.states])
-    batch = la.replace(states=[torch.cat([slerp(xa, xb, w) for w in weights])
-                               for xa, xb in zip(la.states, lb.states)])
-    frames = model.decode(s.sample(batch))
+    both = la.replace(states=[torch.cat([xa, xb]) for xa, xb in zip(la.states, lb.states)])
+    step = batch_size or len(weights)
+    frames = torch.cat([model.decode(s.sample(la.replace(states=[
+        torch.cat([slerp(xa, xb, w) for w in weights[j:j + step]]) for xa, xb in zip(la.states, lb.states)])))
+        for j in range(0, len(weights), step)])
     frames = frames.reshape(len(weights), B, *frames.shape[1:])
     ends = [(frames[i] - (image_a if w == 0 else image_b)).abs().max().item()
             for i, w in enumerate(weights) if w in (0.0, 1.0)]
@@ -159,7 +196,8 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype 
 
 def generate(model: ModelHandle, seeds: Sequence[int], *, sampler: str = "obelm", steps: int = 50,
              condition: Any = None, guidance: float = 1.0, batch_size: int = 64,
-             progress: bool = True) -> torch.Tensor:
+             progress: bool = True, spacing: Optional[str] = None,
+             sampler_options: Optional[dict] = None) -> torch.Tensor:
     """Images for the given seeds, in batches of ``batch_size``.
 
     Each sample's noise depends only on its seed; the network's float bits can still depend
@@ -169,11 +207,11 @@ def generate(model: ModelHandle, seeds: Sequence[int], *, sampler: str = "obelm"
     if per_sample and len(condition) != len(seeds):
         raise ValueError(f"one condition per seed expected: {len(condition)} conditions for {len(seeds)} seeds")
     shape = model.shape if model.kind == "pixel" else _latent_shape(model)
-    schedule = model.schedule(steps, sampler=sampler)
+    schedule = model.schedule(steps, spacing=spacing, sampler=sampler)
     outs = []
     for i in range(0, len(seeds), batch_size):
         cond = list(condition[i:i + batch_size]) if per_sample else condition
-        s = make_sampler(sampler, model.eps(cond, guidance), schedule, progress=progress)
+        s = make_sampler(sampler, model.eps(cond, guidance), schedule, progress=progress, **(sampler_options or {}))
         noise = seeded_noise(shape, seeds[i:i + batch_size])
         outs.append(model.decode(s.sample(noise.to(model.unet.device))))
     return torch.cat(outs) if outs else torch.empty(0, *model.shape)
