@@ -103,21 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, steps: int = 50, num: int = 16, guidance: float = 1.0) -> None:
         p.add_argument("--model", default="digits",
-                       help="'digits' (bundled) or a local diffusers folder: a Stable Diffusion 1.x/2.x pipeline "
-                            "folder or a pixel UNet2DModel pipeline folder")
+                       help="'digits' or 'digits-flow' (bundled; the second a rectified flow) or a local diffusers "
+                            "folder: Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX pipeline, or a pixel UNet2DModel "
+                            "pipeline")
         p.add_argument("--sampler", default="obelm", choices=sampler_names(), metavar="NAME",
                        help=f"one of {', '.join(sampler_names())}")
         p.add_argument("--steps", type=int, default=steps, help="sampling steps N")
         p.add_argument("--spacing", default=None, choices=SPACING_CHOICES,
                        help="sampling grid: linspace, leading, trailing, or config (the model's scheduler "
-                            "config); default: belm's default for the sampler (printed)")
+                            "config); default: belm's default for the sampler (printed). Flow models (digits-flow, "
+                            "SD3, FLUX) have their own sigma grid: omit it")
         p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale (1 = none)")
         p.add_argument("--gamma", type=float, default=None, help="BDIA's gamma in (0, 1] (--sampler bdia; "
                        "default 1.0)")
         p.add_argument("--p", type=float, default=None, help="EDICT's mixing p in (0, 1) (--sampler edict; "
                        "default 0.93)")
         p.add_argument("--seed", type=int, default=0, help="seed (sample i uses seed + i; picks held-out digits)")
-        p.add_argument("--num", type=int, default=num, help="number of images")
+        p.add_argument("--num", type=int, default=num,
+                       help="number of images" + ("; default 16 (with --latent: the latent's images)" if num is None
+                                                  else ""))
         p.add_argument("--out", default=None, help="output folder (default outputs/COMMAND)")
         p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
         p.add_argument("--dtype", default="float32", choices=DTYPES,
@@ -132,16 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     def batch(p: argparse.ArgumentParser, default: Optional[int], what: str) -> None:
         p.add_argument("--batch-size", type=int, default=default, help=what)
 
+    def save_latent(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--save-latent", default=None, metavar="PATH",
+                       help=f"also write {what} to PATH (safetensors; sample it back with belm sample --latent PATH "
+                            "and the same --model, --sampler, --steps, --spacing)")
+
     p = sub.add_parser("demo", help="the tour: reconstruction, editing, interpolation, sampling, FD",
                        formatter_class=_Formatter)
     p.add_argument("--out", default="outputs/demo", help="output folder")
+    p.add_argument("--model", default="digits", choices=("digits", "digits-flow"),
+                   help="the bundled model to tour: digits (DDPM) or digits-flow (rectified flow)")
     p.add_argument("--quick", action="store_true", help="fewer images and steps (a smoke test)")
     run_options(p)
 
     p = sub.add_parser("sample", help="generate images from seeds", formatter_class=_Formatter)
-    common(p, num=16, guidance=3.0)
-    p.add_argument("--target", default=None, help="class id (digits) or prompt (SD); default: all classes in turn")
-    batch(p, 64, "images per sampling pass (bits depend on the batch composition)")
+    common(p, num=None, guidance=3.0)
+    p.add_argument("--target", default=None,
+                   help="class id (digits) or prompt (SD); default: all classes in turn. With --latent: the "
+                        "condition it was inverted with (reconstruct: --source, or the digits' labels as a "
+                        "comma list 3,1,4; edit: --target for the edit, --source for the original)")
+    p.add_argument("--latent", default=None, metavar="PATH",
+                   help="sample from a latent saved by --save-latent (same --model, --sampler, --steps, --spacing "
+                        "as its inversion; a mismatch is refused) instead of noise from seeds")
+    batch(p, None, "images per sampling pass (bits depend on the batch composition); default 64, with "
+                   "--latent all at once (as inverted)")
 
     p = sub.add_parser("reconstruct", help="invert and resample images; report the error", formatter_class=_Formatter)
     common(p)
@@ -150,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "square size (a warning says so); SD center-crops to a multiple of the VAE factor")
     p.add_argument("--source", default=None, help="condition used for both directions (class id or prompt)")
     batch(p, None, "images per invert/sample pass (default: all at once)")
+    save_latent(p, "the inverted latents (one file for all images)")
 
     p = sub.add_parser("edit", help="invert with --source up to --freeze, resample with --target",
                        formatter_class=_Formatter)
@@ -162,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inversion stops at this level (0 = full noise); default 0")
     p.add_argument("--inversion-guidance", type=float, default=1.0, help="guidance scale of the inversion")
     batch(p, None, "images per invert/sample pass (default: all at once)")
+    save_latent(p, "the latents inverted with --source up to --freeze (one file for all images)")
 
     p = sub.add_parser("interpolate", help="interpolate between two inverted real images", formatter_class=_Formatter)
     common(p, num=8)
@@ -169,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="condition for inversion and sampling")
     batch(p, 1, "frames per sampling pass; 1 samples the end frames in the same batch composition as their "
                 "inversion, so they come back exactly (larger: faster, end frames within ~2e-5)")
+    save_latent(p, "the two inverted latents (one file of batch 2)")
 
     p = sub.add_parser("fd", help="Fréchet distance (FD-digits) of samples to the held-out digits",
                        formatter_class=_Formatter)
@@ -199,10 +220,34 @@ def _check_device(device: str) -> None:
         raise CLIError(f"--device {device}: belm runs on cpu, cuda or mps; use one of those")
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """--latent must exist; --save-latent must be a file path in an existing folder."""
+    latent = getattr(args, "latent", None)
+    if latent is not None:
+        if not os.path.isfile(latent):
+            raise CLIError(f"--latent {latent}: no such file; pass a file written by --save-latent")
+        if args.num is not None:
+            raise CLIError(f"--num does not apply to --latent (the latent holds its own images); omit --num")
+    target = getattr(args, "save_latent", None)
+    if target is not None:
+        parent = os.path.dirname(os.path.abspath(target))
+        if os.path.isdir(target):
+            raise CLIError(f"--save-latent {target} is a folder; pass a file name such as latent.safetensors")
+        if not os.path.isdir(parent):
+            raise CLIError(f"--save-latent {target}: folder {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise CLIError(f"--save-latent {target}: folder {parent} is not writable; choose another path")
+
+
 def _check(args: argparse.Namespace) -> None:
+    from belm.apps.models import BUNDLED_MODELS
+    bundled = args.model in BUNDLED_MODELS
+    _check_paths(args)
+    if args.num is None and getattr(args, "latent", None) is None:
+        args.num = 16
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1; got {args.steps}")
-    if args.num < 1:
+    if args.num is not None and args.num < 1:
         raise CLIError(f"--num must be >= 1; got {args.num}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
@@ -218,8 +263,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--p must lie in (0, 1); got {args.p}")
     if args.command == "edit":
         for arg in ("source", "target"):
-            if getattr(args, arg) is None and args.model == "digits":
-                raise CLIError(f"edit needs --{arg} (a class id for --model digits), e.g. --source 3 --target 8")
+            if getattr(args, arg) is None and bundled:
+                raise CLIError(f"edit needs --{arg} (a class id for --model {args.model}), e.g. --source 3 --target 8")
         if args.freeze is not None and not 0 <= args.freeze < args.steps:
             raise CLIError(f"--freeze must lie in [0, {args.steps - 1}] (freeze < steps); got {args.freeze}")
     for path in getattr(args, "image", None) or []:
@@ -228,9 +273,10 @@ def _check(args: argparse.Namespace) -> None:
     if args.command == "interpolate" and args.image and len(args.image) != 2:
         raise CLIError(f"--image must be given exactly twice for interpolate; got {len(args.image)}")
     _check_device(args.device)
-    if args.model != "digits":
+    if not bundled:
         if not os.path.isdir(args.model):
-            raise CLIError(f"--model {args.model}: no such folder; pass 'digits' or a local diffusers folder")
+            raise CLIError(f"--model {args.model}: no such folder; pass 'digits', 'digits-flow' or a local diffusers "
+                           "folder")
         from belm.adapters.stable_diffusion import check_model_folder
         try:
             args.model_kind = check_model_folder(args.model)
@@ -238,20 +284,26 @@ def _check(args: argparse.Namespace) -> None:
             raise CLIError(f"--model {err}") from None
         if args.null_class is not None and args.null_class < 0:
             raise CLIError(f"--null-class must be a class id >= 0; got {args.null_class}")
-        if args.negative_prompt is not None and args.model_kind != "sd":
+        if args.negative_prompt is not None and args.model_kind == "pixel":
             raise CLIError(f"--negative-prompt applies to Stable Diffusion folders; {args.model} is a pixel model")
+        if args.negative_prompt is not None and args.model_kind == "flux":
+            raise CLIError(f"--negative-prompt: {args.model} is a FLUX folder, guided by its distilled guidance "
+                           "(--guidance), not by a negative prompt; omit --negative-prompt")
     else:
         if args.negative_prompt is not None:
-            raise CLIError("--negative-prompt applies to Stable Diffusion folders, not --model digits")
+            raise CLIError(f"--negative-prompt applies to Stable Diffusion folders, not --model {args.model}")
         if args.null_class is not None:
-            raise CLIError("--null-class: --model digits has its null class built in; omit --null-class")
+            raise CLIError(f"--null-class: --model {args.model} has its null class built in; omit --null-class")
         # Known without loading the model, so a typo fails before any work.
         from belm.models.data import NUM_CLASSES
         for arg in ("source", "target"):
             value = getattr(args, arg, None)
-            if value is not None and (not str(value).lstrip("-").isdigit() or not 0 <= int(value) < NUM_CLASSES):
-                raise CLIError(f"--{arg} must be a class id in [0, {NUM_CLASSES - 1}] for --model digits; "
-                               f"got {value!r}")
+            # sample --latent --target takes one id per image (the labels a reconstruction was inverted with)
+            values = str(value).split(",") if arg == "target" and getattr(args, "latent", None) else [value]
+            for v in values if value is not None else []:
+                if not str(v).strip().lstrip("-").isdigit() or not 0 <= int(v) < NUM_CLASSES:
+                    raise CLIError(f"--{arg} must be a class id in [0, {NUM_CLASSES - 1}] for --model {args.model}; "
+                                   f"got {value!r}")
     _check_out(args)
 
 
@@ -302,6 +354,11 @@ def _silence_libraries() -> None:
 # -- the run's settings -------------------------------------------------------------------
 def _spacing_line(model, args) -> str:
     from belm.schedule import default_spacing
+    if model.flow:
+        config = getattr(model.scheduler, "config", {})
+        get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+        shift = "dynamic shift by image size" if get("use_dynamic_shifting", False) else f"shift {get('shift', 1.0):g}"
+        return f"grid: flow sigmas of {type(model.scheduler).__name__} ({shift}; a flow grid has no spacing)"
     chosen = args.spacing or default_spacing(args.sampler)
     why = "--spacing" if args.spacing else f"default for {args.sampler}"
     if chosen == "config":
@@ -318,7 +375,7 @@ def _settings(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     from belm import __version__
     keys = ("model", "sampler", "steps", "spacing", "guidance", "gamma", "p", "seed", "num", "image", "dtype",
             "device", "batch_size", "source", "target", "freeze", "inversion_guidance", "null_class",
-            "negative_prompt")
+            "negative_prompt", "latent", "save_latent")
     settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     settings["threads"] = torch.get_num_threads()
     if settings.get("image") and args.command in ("reconstruct", "edit"):
@@ -343,6 +400,9 @@ def _load(args: argparse.Namespace):
         if not 0 <= args.null_class < model.num_classes:
             raise CLIError(f"--null-class must lie in [0, {model.num_classes - 1}]; got {args.null_class}")
         model.null_class = args.null_class
+    if model.flow and args.spacing not in (None, "config"):
+        raise CLIError(f"--spacing {args.spacing} does not apply to the flow model {args.model} (its sigma grid follows "
+                       "the scheduler's shift); omit --spacing")
     if args.negative_prompt is not None and model.prompted:
         _use_negative_prompt(model, args.negative_prompt)
     if model.num_classes is not None and model.null_class is None and args.guidance != 1.0 \
@@ -373,8 +433,9 @@ def _load_images(model, paths: list[str]):
         sizes = {p: tuple(t.shape[-2:]) for p, t in zip(paths, parts)}
         if len(set(sizes.values())) > 1:
             listed = ", ".join(f"{p} is {w}x{h}" for p, (h, w) in sizes.items())
+            multiple = getattr(model.sd, "pixel_multiple", model.sd.vae_factor)
             raise CLIError(f"--image: the images must have the same size (after cropping to multiples of "
-                           f"{model.sd.vae_factor}): {listed}; resize them to one size first")
+                           f"{multiple}): {listed}; resize them to one size first")
         import torch
         return torch.cat(parts)
     C, H, W = model.shape
@@ -394,10 +455,9 @@ def _digits_images(model, args, label: Optional[int] = None, num: Optional[int] 
     num = args.num if num is None else num
     if args.image:
         return _load_images(model, args.image), None
-    if model.name != "digits":
-        raise CLIError(f"--image is required for --model {args.model} (only 'digits' has a bundled image set)")
-    from belm.models import digits_dataset
-    images, labels = digits_dataset("heldout")
+    if model.dataset is None:
+        raise CLIError(f"--image is required for --model {args.model} (only the bundled models have an image set)")
+    images, labels = model.reference_images("heldout")
     if label is not None:
         keep = labels == label
         images, labels = images[keep], labels[keep]
@@ -419,6 +479,27 @@ def _save_scale(model, images) -> int:
 
 
 # -- commands -----------------------------------------------------------------------------
+def _save_latent(args: argparse.Namespace, model, latent, target: Any) -> Optional[dict]:
+    """Write ``--save-latent`` (call inside the OutputDir block, last: nothing on failure) and
+    print how to sample it back. Returns the summary's record of it (None without the option)."""
+    if args.save_latent is None:
+        return None
+    latent.save(args.save_latent)
+    if isinstance(target, (list, tuple)):
+        target = ",".join(str(t) for t in target)
+    line = [f"belm sample --model {args.model} --latent {args.save_latent} --sampler {args.sampler} "
+            f"--steps {args.steps}"]
+    for flag, value in (("--spacing", args.spacing), ("--gamma", args.gamma), ("--p", args.p)):
+        if value is not None:
+            line.append(f"{flag} {value}")
+    if target is not None:
+        line.append(f"--target {target!r}" if model.prompted else f"--target {target}")
+    print(f"latent: {args.save_latent} ({latent.states[0].shape[0]} images, level {latent.level}); sample it back "
+          f"with: {' '.join(line)} --guidance G")
+    return {"path": args.save_latent, "images": int(latent.states[0].shape[0]), "level": latent.level,
+            "method": latent.method, "inverted_with": target}
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> dict:
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid
@@ -429,7 +510,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> dict:
         condition = labels.tolist()
     samplers = [args.sampler] + (["ddim"] if args.sampler != "ddim" else [])
     spacing = args.spacing
-    if spacing is None:  # DDIM beside it on the same grid, so the comparison is like for like
+    if spacing is None and not model.flow:  # DDIM beside it on the same grid, so the comparison is like for like
         from belm.schedule import default_spacing
         spacing = default_spacing(args.sampler)
     results = {name: tasks.reconstruct(model, images, sampler=name, steps=args.steps, condition=condition,
@@ -455,14 +536,18 @@ def cmd_reconstruct(args: argparse.Namespace) -> dict:
     with OutputDir(args.out) as out:
         save_grid(out, [images] + [r["reconstruction"] for r in results.values()], "reconstruction.png",
                   scale=_picture_scale(model))
+        record = _save_latent(args, model, main["inverted"], condition)
+        if record is not None:
+            summary["saved_latent"] = record
         out.write_json("summary.json", summary)
     print(_table(rows, ["sampler", "figure", "max_abs_error", "mse", "psnr"]))
     return summary
 
 
-def cmd_edit(args: argparse.Namespace) -> dict:
-    import torch
+EDIT_FIGURES = ("success_rate", "change_l2", "change_psnr", "latent_std", "latent_max_abs")
 
+
+def cmd_edit(args: argparse.Namespace) -> dict:
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid, save_images
     model = _load(args)
@@ -477,25 +562,29 @@ def cmd_edit(args: argparse.Namespace) -> dict:
     target = model.parse_condition(args.target, "--target")
     freeze = args.freeze if args.freeze is not None else 0
     images, _ = _digits_images(model, args, label=source if not model.prompted else None)
-    step = args.batch_size or len(images)
-    edited = torch.cat([
-        tasks.edit(model, images[i:i + step], source, target, sampler=args.sampler, steps=args.steps, freeze=freeze,
-                   guidance=args.guidance, inversion_guidance=args.inversion_guidance,
-                   progress=not args.no_progress, spacing=args.spacing, sampler_options=_sampler_options(args))
-        for i in range(0, len(images), step)])
+    result = tasks.edit(model, images, source, target, sampler=args.sampler, steps=args.steps, freeze=freeze,
+                        guidance=args.guidance, inversion_guidance=args.inversion_guidance,
+                        progress=not args.no_progress, spacing=args.spacing, sampler_options=_sampler_options(args),
+                        batch_size=args.batch_size)
+    edited = result["images"]
     summary: dict[str, Any] = dict(num=len(images), **args.settings)
     summary["settings"]["freeze"] = freeze
-    predicted = tasks.classify(model, edited)
-    if predicted is not None:
-        summary["success_rate"] = float((predicted == target).float().mean())
+    summary.update({k: result[k] for k in EDIT_FIGURES if k in result})
+    summary["change_what"] = "edited vs source image: mean per-image L2 norm (pixels in [-1, 1]) and mean PSNR (dB)"
     with OutputDir(args.out) as out:
         save_grid(out, [images, edited], "edit.png", scale=_picture_scale(model))
         save_images(out, edited, [f"edited_{i:03d}.png" for i in range(len(edited))],
                     scale=_save_scale(model, edited))
+        record = _save_latent(args, model, result["inverted"], source)
+        if record is not None:
+            summary["saved_latent"] = record
         out.write_json("summary.json", summary)
-    print(_table([[args.source, args.target, freeze, args.guidance, summary.get("success_rate")]],
-                 ["source", "target", "freeze", "guidance", "success_rate"]))
+    print(_table([[args.source, args.target, freeze, args.guidance, *(summary.get(k) for k in EDIT_FIGURES)]],
+                 ["source", "target", "freeze", "guidance", *EDIT_FIGURES]))
     return summary
+
+
+INTERPOLATION_FIGURES = ("endpoint_max_abs_error", "latent_std", "latent_max_abs", "middle_confidence", "middle_fd")
 
 
 def cmd_interpolate(args: argparse.Namespace) -> dict:
@@ -504,16 +593,22 @@ def cmd_interpolate(args: argparse.Namespace) -> dict:
     model = _load(args)
     images, _ = _digits_images(model, args, num=2)
     condition = model.parse_condition(args.source, "--source")
-    strip = tasks.interpolate(model, images[:1], images[1:2], num=args.num, sampler=args.sampler,
-                              steps=args.steps, condition=condition, guidance=args.guidance,
-                              progress=not args.no_progress, spacing=args.spacing,
-                              sampler_options=_sampler_options(args), batch_size=args.batch_size)
-    endpoint_error = max(float((strip[0] - images[0]).abs().max()), float((strip[-1] - images[1]).abs().max()))
-    summary = dict(endpoint_max_abs_error=endpoint_error, **args.settings)
+    result = tasks.interpolate(model, images[:1], images[1:2], num=args.num, sampler=args.sampler,
+                               steps=args.steps, condition=condition, guidance=args.guidance,
+                               progress=not args.no_progress, spacing=args.spacing,
+                               sampler_options=_sampler_options(args), batch_size=args.batch_size)
+    strip = result["frames"][:, 0]
+    summary = dict({k: result[k] for k in INTERPOLATION_FIGURES if k in result}, **args.settings)
+    summary["middle_what"] = ("frames at 0 < weight < 1: classifier's mean top probability and FD-digits to the "
+                              "held-out digits (FD needs >= 2 middle frames)")
     with OutputDir(args.out) as out:
         save_grid(out, [strip], "interpolation.png", scale=_picture_scale(model))
+        record = _save_latent(args, model, result["inverted"], condition)
+        if record is not None:
+            summary["saved_latent"] = record
         out.write_json("summary.json", summary)
-    print(_table([[args.sampler, args.num, endpoint_error]], ["sampler", "frames", "endpoint_max_abs_error"]))
+    print(_table([[args.sampler, args.num, *(summary.get(k) for k in INTERPOLATION_FIGURES)]],
+                 ["sampler", "frames", *INTERPOLATION_FIGURES]))
     return summary
 
 
@@ -525,11 +620,56 @@ def _sample_conditions(model, args, seeds):
     return None
 
 
+def _latent_conditions(model, args):
+    """``sample --latent``: the condition it was inverted with (one, or one class id per image)."""
+    if args.target is None:
+        if model.num_classes is not None:
+            raise CLIError(f"--latent on the class-conditional {args.model} needs --target: the class id it was "
+                           "inverted with (one, or one per image as 3,1,4)")
+        return None
+    if not model.prompted and "," in str(args.target):
+        return [model.parse_condition(v.strip(), "--target") for v in str(args.target).split(",")]
+    return model.parse_condition(args.target, "--target")
+
+
+def _sample_latent(args: argparse.Namespace, model) -> dict:
+    from belm import Latent
+    from belm.apps import tasks
+    from belm.apps.io import OutputDir, save_grid, save_images
+    latent = Latent.load(args.latent, device=args.device)
+    condition = _latent_conditions(model, args)
+    count = latent.states[0].shape[0]
+    if isinstance(condition, list) and len(condition) != count:
+        raise CLIError(f"--target lists {len(condition)} class ids; the latent holds {count} images: give one, or "
+                       "one per image")
+    t0 = time.perf_counter()
+    images = tasks.sample_latent(model, latent, sampler=args.sampler, steps=args.steps, condition=condition,
+                                 guidance=args.guidance, batch_size=args.batch_size, progress=not args.no_progress,
+                                 spacing=args.spacing, sampler_options=_sampler_options(args))
+    summary = dict(seconds=time.perf_counter() - t0, **args.settings)
+    summary["settings"]["num"] = count
+    summary["latent_method"], summary["latent_level"] = latent.method, latent.level
+    with OutputDir(args.out) as out:
+        save_grid(out, [images], "grid.png", scale=_picture_scale(model))
+        save_images(out, images, [f"sample_{i:06d}.png" for i in range(count)], scale=_save_scale(model, images))
+        import torch
+        from safetensors.torch import save_file
+        save_file({"images": images.contiguous().to(torch.float32)}, str(out.file("samples.safetensors")))
+        out.write_json("summary.json", summary)
+    print(_table([[args.sampler, args.steps, count, latent.level, summary["seconds"]]],
+                 ["sampler", "steps", "num", "from_level", "seconds"]))
+    return summary
+
+
 def cmd_sample(args: argparse.Namespace) -> dict:
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid, save_images
     from belm.apps.sharding import gather_in_order, shard
     model = _load(args)
+    if args.latent is not None:
+        return _sample_latent(args, model)
+    if args.batch_size is None:
+        args.batch_size = 64
     seeds = list(range(args.seed, args.seed + args.num))
     conditions = _sample_conditions(model, args, seeds)
     mine = shard(seeds, block=args.batch_size)  # whole batches per rank: same bits as one process
@@ -559,13 +699,13 @@ def cmd_fd(args: argparse.Namespace) -> dict:
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid
     model = _load(args)
-    if model.classifier is None:
-        raise CLIError(f"fd needs a feature extractor; the bundled one is for --model digits, not {model.name}")
-    from belm.models import digits_dataset
-    reference, _ = digits_dataset("heldout")
+    if model.classifier is None or model.dataset is None:
+        raise CLIError(f"fd needs a feature extractor and a reference set; the bundled ones are for --model digits "
+                       f"and digits-flow, not {model.name}")
+    reference, _ = model.reference_images("heldout")
     seeds = list(range(args.seed, args.seed + args.num))
     images = tasks.generate(model, seeds, sampler=args.sampler, steps=args.steps,
-                            condition=[s % 10 for s in seeds], guidance=args.guidance,
+                            condition=[s % model.num_classes for s in seeds], guidance=args.guidance,
                             batch_size=args.batch_size, progress=not args.no_progress,
                             spacing=args.spacing, sampler_options=_sampler_options(args))
     fd = tasks.fd_to_reference(model, images, reference)
@@ -581,7 +721,8 @@ def cmd_fd(args: argparse.Namespace) -> dict:
 def cmd_demo(args: argparse.Namespace) -> dict:
     from belm.apps.demo import run_demo
     _check_out(args)
-    return run_demo(args.out, quick=args.quick, progress=not args.no_progress, settings=args.settings)
+    return run_demo(args.out, quick=args.quick, progress=not args.no_progress, settings=args.settings,
+                    model=args.model)
 
 
 COMMANDS = {"demo": cmd_demo, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "edit": cmd_edit,

@@ -38,6 +38,9 @@ def test_edit_three_to_eight_at_defaults(tmp_path):
     s = summary(out)
     assert s["success_rate"] >= 0.8, s
     assert len(list(out.glob("edited_*.png"))) == 16
+    # issue 12: the change from the source and the latent's statistics beside the success rate
+    assert 1.0 < s["change_l2"] < 16.0 and 0 < s["change_psnr"] < 40, s
+    assert 0.5 < s["latent_std"] < 1.5 and s["latent_max_abs"] > s["latent_std"], s
 
 
 def test_interpolation_endpoints_are_the_originals(tmp_path):
@@ -45,12 +48,16 @@ def test_interpolation_endpoints_are_the_originals(tmp_path):
     from belm.models import digits_dataset
     model = load_model("digits")
     images, _ = digits_dataset("heldout")
-    strip = interpolate(model, images[:1], images[1:2], num=5, steps=50, progress=False)
+    strip = interpolate(model, images[:1], images[1:2], num=5, steps=50, progress=False)["frames"][:, 0]
     assert (strip[0] - images[0]).abs().max() <= 1e-5
     assert (strip[-1] - images[1]).abs().max() <= 1e-5
     assert (strip[2] - images[0]).abs().max() > 0.1      # the middle really is something else
     code, out = run(["interpolate", "--num", "5", "--steps", "20"], tmp_path)
-    assert code == 0 and summary(out)["endpoint_max_abs_error"] <= 1e-5
+    s = summary(out)
+    assert code == 0 and s["endpoint_max_abs_error"] <= 1e-5
+    # issue 12: the editing figures beside it (3 middle frames: FD-digits is defined)
+    assert 0.5 < s["latent_std"] < 1.5 and s["latent_max_abs"] > s["latent_std"]
+    assert 0.1 < s["middle_confidence"] <= 1 and s["middle_fd"] > 0
 
 
 def test_sample_is_deterministic_per_seed(tmp_path):

@@ -23,7 +23,8 @@ import torch
 from belm.adapters.eps import PREDICTION_TYPES, DiffusersEps, _config_get, _model_dtype_device
 from belm.adapters.images import ImageInput, to_pil, to_tensor
 
-__all__ = ["StableDiffusion", "COMPONENTS", "SUPPORTED_SCHEDULERS", "check_scheduler_config", "check_model_folder"]
+__all__ = ["StableDiffusion", "COMPONENTS", "SUPPORTED_SCHEDULERS", "check_scheduler_config", "check_model_folder",
+           "PIPELINE_KINDS", "FLOW_SCHEDULERS"]
 
 #: diffusers scheduler classes whose config describes a discrete variance-preserving
 #: schedule (``alphas_cumprod`` from betas), the only kind belm's samplers handle today.
@@ -69,17 +70,28 @@ def check_scheduler_config(config: dict, where: str) -> None:
                          "schedule, set \"_class_name\": \"DDIMScheduler\" in that file")
 
 
+#: pipeline classes (model_index.json ``_class_name``) -> what :func:`check_model_folder` calls them;
+#: the helpers live in belm.adapters (``from_folder`` picks them)
+PIPELINE_KINDS: dict[str, str] = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                                  "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+#: the schedulers flow pipelines may carry (their grid is read from it)
+FLOW_SCHEDULERS: frozenset[str] = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowBELMScheduler",
+                                             "FlowBELMInverseScheduler"})
+
+
 def check_model_folder(folder: str | os.PathLike) -> str:
     """What kind of local diffusers folder this is, refusing what belm cannot load yet.
 
     Returns:
-        "sd" (a Stable Diffusion 1.x/2.x pipeline folder) or "pixel" (a pixel-space UNet2DModel
-        folder, or a pipeline folder with ``unet/`` and ``scheduler/`` and no VAE).
+        "sd" (a Stable Diffusion 1.x/2.x pipeline folder), "sdxl", "sd3", "flux" (those
+        pipelines, by model_index.json's ``_class_name``), or "pixel" (a pixel-space
+        UNet2DModel folder, or a pipeline folder with ``unet/`` and ``scheduler/`` and no VAE).
 
     Raises:
         ValueError: one line naming the folder and the fix: a component subfolder (e.g.
-            ``…/unet``) instead of the pipeline folder; SDXL, SD3/FLUX-class (transformer)
-            pipelines; unknown or flow-matching schedulers.
+            ``…/unet``) instead of the pipeline folder; other XL or transformer pipelines
+            (img2img, refiner, PixArt, …); unknown or flow-matching schedulers on UNet models,
+            non-flow schedulers on SD3/FLUX.
         FileNotFoundError: not a diffusers folder at all.
     """
     folder = Path(folder)
@@ -101,15 +113,26 @@ def check_model_folder(folder: str | os.PathLike) -> str:
     if not index and (folder / "scheduler_config.json").is_file():
         raise ValueError(f"{str(folder)!r} holds one component (a scheduler), not a pipeline; pass the pipeline "
                          f"folder that contains it ({str(folder.parent)!r})")
-    if "XL" in cls or "text_encoder_2" in index:
-        raise ValueError(f"{str(folder)!r} is a Stable Diffusion XL pipeline ({cls or 'text_encoder_2'}); SDXL is "
-                         "not supported yet: use a Stable Diffusion 1.x/2.x folder")
-    if "transformer" in index or (folder / "transformer").is_dir():
-        raise ValueError(f"{str(folder)!r} is a transformer pipeline ({cls or 'transformer/'}, SD3/FLUX class); not "
-                         "supported yet: use a Stable Diffusion 1.x/2.x or a pixel UNet folder")
+    supported = ", ".join(PIPELINE_KINDS)
+    kind = PIPELINE_KINDS.get(cls)
     sched_file = folder / "scheduler" / "scheduler_config.json"
+    if kind in ("sd3", "flux"):
+        name = _read_json(sched_file).get("_class_name") if sched_file.is_file() else None
+        if name is not None and name not in FLOW_SCHEDULERS:
+            raise ValueError(f"{str(sched_file)!r}: {cls} needs a flow-matching scheduler "
+                             f"({', '.join(sorted(FLOW_SCHEDULERS))}); got {name!r}. Restore the folder's "
+                             "FlowMatchEulerDiscreteScheduler config")
+        return kind
+    if kind is None and ("XL" in cls or "text_encoder_2" in index):
+        raise ValueError(f"{str(folder)!r} is a {cls or 'two-text-encoder'} folder; belm supports the pipelines "
+                         f"{supported} (for SDXL: a StableDiffusionXLPipeline folder, not a refiner/img2img one)")
+    if kind is None and ("transformer" in index or (folder / "transformer").is_dir()):
+        raise ValueError(f"{str(folder)!r} is a transformer pipeline ({cls or 'transformer/'}); belm supports the "
+                         f"pipelines {supported}")
     if sched_file.is_file():
         check_scheduler_config(_read_json(sched_file), str(sched_file))
+    if kind == "sdxl":
+        return kind
     if "vae" in index or (folder / "vae").is_dir():
         return "sd"
     if not (folder / "unet" / "config.json").is_file():
@@ -214,7 +237,11 @@ class StableDiffusion:
                 raise FileNotFoundError(f"{str(folder)!r} is one component of a pipeline; pass the pipeline folder "
                                         f"({str(folder.parent)!r})")
             raise FileNotFoundError(f"{str(folder)!r} is not a diffusers pipeline folder: model_index.json is missing")
-        if check_model_folder(folder) != "sd":
+        kind = check_model_folder(folder)
+        if kind in ("sdxl", "sd3", "flux"):
+            raise ValueError(f"{str(folder)!r} is a {kind.upper()} pipeline folder, not Stable Diffusion 1.x/2.x; "
+                             "load it with belm.adapters.from_folder(folder)")
+        if kind != "sd":
             raise FileNotFoundError(f"{str(folder)!r} has no 'vae' component; it is not a Stable Diffusion folder")
         for name in COMPONENTS:
             sub = folder / name

@@ -52,14 +52,16 @@ def _order(Ns, errs) -> float:
     return float(-np.polyfit(np.log(Ns), np.log(errs), 1)[0])
 
 
-def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True, settings: dict | None = None) -> dict:
+def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True, settings: dict | None = None,
+             model: str = "digits") -> dict:
     """Run the tour and write ``out_dir/report.md`` with its pictures. Returns the figures.
 
-    ``settings``: the run's record (command, version, threads…) stored in summary.json."""
+    ``settings``: the run's record (command, version, threads…) stored in summary.json.
+    ``model``: a bundled model, "digits" (DDPM) or "digits-flow" (rectified flow)."""
     t_start = time.perf_counter()
-    model = load_model("digits")
-    from belm.models import digits_dataset
-    heldout, labels = digits_dataset("heldout")
+    name = model
+    model = load_model(name)
+    heldout, labels = model.reference_images("heldout")
     gen = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(heldout), generator=gen)
     n_rec = 8 if quick else 16
@@ -93,20 +95,24 @@ def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True, settin
             src += [c] * len(idx)
             tgt += [(c + 1) % 10] * len(idx)
         src_imgs = torch.cat(src_imgs)
-        edited = tasks.edit(model, src_imgs, src, tgt, sampler="obelm", steps=50, freeze=0, guidance=3.0,
-                            progress=progress)
+        edit = tasks.edit(model, src_imgs, src, tgt, sampler="obelm", steps=50, freeze=0, guidance=3.0,
+                          progress=progress)
+        edited = edit["images"]
         predicted = tasks.classify(model, edited)
         success = float((predicted == torch.tensor(tgt)).float().mean())
         figures["edit_success_rate"] = success
+        figures["edit_change_l2"], figures["edit_change_psnr"] = edit["change_l2"], edit["change_psnr"]
         save_grid(out, [src_imgs, edited], "edit.png")
 
         # 3. interpolation between two inverted real digits
         a, b = heldout[pick[:1]], heldout[pick[1:2]]
         # Frames one at a time: the end frames then see the batch composition of their inversion.
-        strip = tasks.interpolate(model, a, b, num=8, sampler="obelm", steps=50, condition=None, progress=progress,
+        inter = tasks.interpolate(model, a, b, num=8, sampler="obelm", steps=50, condition=None, progress=progress,
                                   batch_size=1)
-        figures["interpolation_endpoint_error"] = max(float((strip[0] - a[0]).abs().max()),
-                                                     float((strip[-1] - b[0]).abs().max()))
+        strip = inter["frames"][:, 0]
+        figures["interpolation_endpoint_error"] = inter["endpoint_max_abs_error"]
+        for key in ("latent_std", "latent_max_abs", "middle_confidence", "middle_fd"):
+            figures[f"interpolation_{key}"] = inter.get(key)
         save_grid(out, [strip], "interpolation.png")
 
         # 4. sampling and FD-digits at equal network calls
@@ -148,8 +154,8 @@ def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True, settin
         figures["seconds"] = elapsed
         report = f"""# belm demo report
 
-Bundled model `digits` (class-conditional UNet, 16×16), CPU, torch {torch.__version__},
-Python {platform.python_version()}; {elapsed:.0f} s in all. Regenerate with `make demo`.
+Bundled model `{name}` (class-conditional UNet, 16×16{", rectified flow" if model.flow else ""}), CPU, torch {torch.__version__},
+Python {platform.python_version()}; {elapsed:.0f} s in all. Regenerate with `{"make demo" if name == "digits" else "belm demo --model " + name}`.
 
 ## Reconstruction: max abs error of `sample(invert(x0))` over {n_rec} held-out digits
 
@@ -164,7 +170,8 @@ float64 rounding (the network runs in float32, the state in float64).
 
 ## Editing: class c → c+1 (O-BELM, N = 50, full inversion with class c, guidance 3 for c+1)
 
-Success rate by the bundled classifier: **{success:.2f}** ({len(src)} digits).
+Success rate by the bundled classifier: **{success:.2f}** ({len(src)} digits); mean change from the
+source: L2 {_fmt(figures["edit_change_l2"])}, PSNR {_fmt(figures["edit_change_psnr"])} dB.
 
 ![edit](edit.png)
 
@@ -172,7 +179,9 @@ Success rate by the bundled classifier: **{success:.2f}** ({len(src)} digits).
 
 Both tensors of the latent pair are slerped with the same weight; the frames are sampled one
 at a time (the batch composition of the inversion), so the end frames come back exactly:
-endpoint error {_fmt(figures["interpolation_endpoint_error"])}.
+endpoint error {_fmt(figures["interpolation_endpoint_error"])}; latent std / max abs
+{_fmt(inter["latent_std"])} / {_fmt(inter["latent_max_abs"])}; middle frames: classifier confidence
+{_fmt(inter["middle_confidence"])}, FD-digits {_fmt(inter["middle_fd"])}.
 
 ![interpolation](interpolation.png)
 

@@ -6,7 +6,6 @@ A handle only composes adapters: it turns images into model space and back, and 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +15,10 @@ import torch
 from belm.adapters import DiffusersEps
 from belm.schedule import Schedule, default_spacing
 
-__all__ = ["ModelHandle", "FlowModelHandle", "load_model"]
+__all__ = ["ModelHandle", "FlowModelHandle", "load_model", "BUNDLED_MODELS"]
+
+#: the models shipped with belm (no folder needed); both see the bundled digits data set
+BUNDLED_MODELS: tuple[str, ...] = ("digits", "digits-flow")
 
 
 @dataclass
@@ -29,6 +31,10 @@ class ModelHandle:
         shape: (C, H, W) of x for sampling from noise.
         num_classes: class-conditional pixel models: number of classes (conditions are ids).
         null_class: the unconditional class id for guidance (None: no guidance possible).
+        dataset: the bundled image set the model was trained on (``"digits"``), the source of
+            images when none are given and the reference of FD; None for folders.
+        flow: the network returns a velocity and ``schedule(N)`` is a flow σ grid (no spacing
+            to choose): digits-flow, SD3, FLUX.
     """
 
     name: str
@@ -41,6 +47,19 @@ class ModelHandle:
     sd: Any = None
     classifier: Any = None
     extra: dict = field(default_factory=dict)
+    dataset: Optional[str] = None
+    flow: bool = False
+
+    def reference_images(self, split: str = "heldout") -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [−1, 1] and labels (B,) of the bundled data set.
+
+        Raises:
+            ValueError: the model has no bundled data set (a folder model).
+        """
+        if self.dataset != "digits":
+            raise ValueError(f"model {self.name} has no bundled image set; pass images")
+        from belm.models import digits_dataset
+        return digits_dataset(split)
 
     # -- conditions --------------------------------------------------------------------
     @property
@@ -68,7 +87,7 @@ class ModelHandle:
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0; got {guidance}")
         if self.prompted:
-            return self.sd.eps(prompt=condition or "", guidance_scale=guidance, negative_prompt="")
+            return self.sd.eps(prompt=condition or "", guidance_scale=guidance)
         if condition is None:
             if self.num_classes is not None:
                 return DiffusersEps(self.unet, self.scheduler, class_labels=self.null_class)
@@ -78,13 +97,23 @@ class ModelHandle:
         return DiffusersEps(self.unet, self.scheduler, class_labels=labels,
                             guidance_scale=guidance, null_class_labels=null)
 
-    def schedule(self, num_steps: int, spacing: Optional[str] = None, sampler: str = "obelm") -> Schedule:
+    def schedule(self, num_steps: int, spacing: Optional[str] = None, sampler: str = "obelm",
+                 size: Optional[tuple[int, int]] = None) -> Schedule:
         """The grid of ``num_steps`` steps for ``sampler``.
 
         ``spacing``: None gives belm's default for that sampler
         (:func:`belm.schedule.default_spacing`: "trailing"), ``"config"`` the scheduler
-        config's own spacing (the digits model's is "leading"), or an explicit name.
+        config's own spacing (the digits model's is "leading"), or an explicit name. Flow
+        pipelines (SD3, FLUX) have no spacing (None or "config" only): their σ grid is the
+        pipeline's, shifted by the image ``size`` (H, W) in pixels where the scheduler shifts
+        dynamically (FLUX); default: the handle's ``shape``.
         """
+        if self.flow:
+            if spacing not in (None, "config"):
+                raise ValueError(f"spacing={spacing!r} does not apply to the flow model {self.name} (its sigmas "
+                                 "follow the scheduler's shift); omit it")
+            H, W = size if size is not None else self.shape[1:]
+            return self.sd.schedule(num_steps, height=int(H), width=int(W))
         if spacing is None:
             spacing = default_spacing(sampler)
         if self.prompted:
@@ -124,7 +153,8 @@ class FlowModelHandle(ModelHandle):
     FlowMatchEulerDiscreteScheduler), on which the samplers take a velocity function.
     """
 
-    def schedule(self, num_steps: int, spacing: Optional[str] = None, sampler: str = "obelm") -> Schedule:
+    def schedule(self, num_steps: int, spacing: Optional[str] = None, sampler: str = "obelm",
+                 size: Optional[tuple[int, int]] = None) -> Schedule:
         """The scheduler's own σ grid (shift included); a flow grid has no spacing to choose, and its
         last step is not tiny, so it suits exact inversion as it is."""
         if spacing not in (None, "config"):
@@ -152,24 +182,26 @@ def load_model(model: str = "digits", *, dtype: torch.dtype = torch.float32,
         from belm.models import NULL_CLASS, NUM_CLASSES, load_digits_classifier, load_digits_flow_unet
         unet, scheduler = load_digits_flow_unet(dtype=dtype, device=device)
         return FlowModelHandle("digits-flow", "pixel", unet, scheduler, (1, 16, 16), NUM_CLASSES, NULL_CLASS,
-                               classifier=load_digits_classifier(device=device))
+                               classifier=load_digits_classifier(device=device), dataset="digits", flow=True)
     if model == "digits":
         from belm.models import NULL_CLASS, NUM_CLASSES, load_digits_classifier, load_digits_unet
         unet, scheduler = load_digits_unet(dtype=dtype, device=device)
         return ModelHandle("digits", "pixel", unet, scheduler, (1, 16, 16), NUM_CLASSES, NULL_CLASS,
-                           classifier=load_digits_classifier(device=device))
+                           classifier=load_digits_classifier(device=device), dataset="digits")
     folder = Path(model)
     if not folder.is_dir():
         raise FileNotFoundError(f"--model {model}: no such folder; pass 'digits', 'digits-flow' or a local "
                                 "diffusers folder")
-    index_file = folder / "model_index.json"
-    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    if "vae" in index or (folder / "vae").is_dir():
-        from belm.adapters import StableDiffusion
-        sd = StableDiffusion.from_pretrained(folder, dtype=dtype, device=device)
-        f = sd.vae_factor
-        size = int(getattr(sd.unet.config, "sample_size", 64)) * f
-        return ModelHandle(str(folder), "latent", sd.unet, sd.scheduler, (3, size, size), sd=sd)
+    from belm.adapters.stable_diffusion import check_model_folder
+    kind = check_model_folder(folder)        # one-line refusals of what belm cannot run
+    if kind != "pixel":
+        from belm.adapters import from_folder
+        sd = from_folder(folder, dtype=dtype, device=device)
+        # The networks' default sample size (latent pixels); FLUX's config has none: FluxPipeline's 128.
+        sample = getattr(sd.unet.config, "sample_size", None) or 128
+        size = int(sample if isinstance(sample, int) else sample[0]) * sd.vae_factor
+        return ModelHandle(str(folder), "latent", sd.unet, sd.scheduler, (3, size, size), sd=sd,
+                           flow=kind in ("sd3", "flux"))
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     if not (unet_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model}: no unet/config.json (nor model_index.json with a vae); "
