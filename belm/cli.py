@@ -479,7 +479,7 @@ def _save_scale(model, images) -> int:
 
 
 # -- commands -----------------------------------------------------------------------------
-def _save_latent(args: argparse.Namespace, model, latent, target: Any) -> Optional[dict]:
+def _save_latent(args: argparse.Namespace, model, latent, target: Any, guidance: float) -> Optional[dict]:
     """Write ``--save-latent`` (call inside the OutputDir block, last: nothing on failure) and
     print how to sample it back. Returns the summary's record of it (None without the option)."""
     if args.save_latent is None:
@@ -495,9 +495,9 @@ def _save_latent(args: argparse.Namespace, model, latent, target: Any) -> Option
     if target is not None:
         line.append(f"--target {target!r}" if model.prompted else f"--target {target}")
     print(f"latent: {args.save_latent} ({latent.states[0].shape[0]} images, level {latent.level}); sample it back "
-          f"with: {' '.join(line)} --guidance G")
+          f"with: {' '.join(line)} --guidance {guidance:g}")
     return {"path": args.save_latent, "images": int(latent.states[0].shape[0]), "level": latent.level,
-            "method": latent.method, "inverted_with": target}
+            "method": latent.method, "inverted_with": target, "inversion_guidance": guidance}
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> dict:
@@ -536,7 +536,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> dict:
     with OutputDir(args.out) as out:
         save_grid(out, [images] + [r["reconstruction"] for r in results.values()], "reconstruction.png",
                   scale=_picture_scale(model))
-        record = _save_latent(args, model, main["inverted"], condition)
+        record = _save_latent(args, model, main["inverted"], condition, args.guidance)
         if record is not None:
             summary["saved_latent"] = record
         out.write_json("summary.json", summary)
@@ -575,7 +575,7 @@ def cmd_edit(args: argparse.Namespace) -> dict:
         save_grid(out, [images, edited], "edit.png", scale=_picture_scale(model))
         save_images(out, edited, [f"edited_{i:03d}.png" for i in range(len(edited))],
                     scale=_save_scale(model, edited))
-        record = _save_latent(args, model, result["inverted"], source)
+        record = _save_latent(args, model, result["inverted"], source, args.inversion_guidance)
         if record is not None:
             summary["saved_latent"] = record
         out.write_json("summary.json", summary)
@@ -603,7 +603,7 @@ def cmd_interpolate(args: argparse.Namespace) -> dict:
                               "held-out digits (FD needs >= 2 middle frames)")
     with OutputDir(args.out) as out:
         save_grid(out, [strip], "interpolation.png", scale=_picture_scale(model))
-        record = _save_latent(args, model, result["inverted"], condition)
+        record = _save_latent(args, model, result["inverted"], condition, args.guidance)
         if record is not None:
             summary["saved_latent"] = record
         out.write_json("summary.json", summary)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from belm.cli import main
-from tiny_models import tiny_sd_folder  # noqa: F401  (fixture)
+from tiny_models import tiny_flux_folder, tiny_sd3_folder, tiny_sd_folder, tiny_sdxl_folder  # noqa: F401  (fixtures)
 
 
 def run(args, tmp_path, name="out"):
@@ -187,14 +187,49 @@ def test_unet_subfolder_says_pass_the_pipeline_folder(tmp_path, capsys, tiny_sd_
     _one_line_error(capsys, code, "--model", "UNet2DConditionModel", "pass the pipeline folder", str(tiny_sd_folder))
 
 
-def test_sdxl_folder_is_refused_by_name(tmp_path, capsys, tiny_sd_folder):  # noqa: F811
-    xl = _copy_folder(tiny_sd_folder, tmp_path / "sdxl", {"model_index.json": {
-        "_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}})
-    code, _ = run(["reconstruct", "--model", str(xl), "--image", _image(tmp_path / "a.png", 16, 16)], tmp_path)
-    _one_line_error(capsys, code, "--model", "Stable Diffusion XL", "not supported yet")
+@pytest.mark.parametrize("index, words", [
+    ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder_2": ["transformers", "CLIPTextModel"]},
+     ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline", "refiner")),
+    ({"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]},
+     ("transformer pipeline", "PixArtAlphaPipeline", "StableDiffusion3Pipeline", "FluxPipeline")),
+])
+def test_unsupported_pipeline_folders_are_refused_by_name(tmp_path, capsys, tiny_sd_folder, index, words):  # noqa: F811
+    folder = _copy_folder(tiny_sd_folder, tmp_path / "other", {"model_index.json": index})
+    code, _ = run(["reconstruct", "--model", str(folder), "--image", _image(tmp_path / "a.png", 16, 16)], tmp_path)
+    _one_line_error(capsys, code, "--model", *words)
+
+
+def test_sdxl_folder_is_not_a_stable_diffusion_1_folder(tiny_sdxl_folder):  # noqa: F811
     from belm.adapters import StableDiffusion
-    with pytest.raises(ValueError, match="XL"):
-        StableDiffusion.from_pretrained(xl)
+    with pytest.raises(ValueError, match="SDXL pipeline folder.*from_folder"):
+        StableDiffusion.from_pretrained(tiny_sdxl_folder)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "sdxl"])
+def test_sd3_flux_sdxl_folders_reconstruct_exactly(tmp_path, request, name):
+    """Issue 13 item 5: `belm reconstruct --model FOLDER` on SD3, FLUX and SDXL folders."""
+    folder = request.getfixturevalue(f"tiny_{name}_folder")
+    img = _image(tmp_path / "a.png", 32, 32)
+    code, out = run(["reconstruct", "--model", str(folder), "--image", img, "--source", "a cat", "--steps", "4"],
+                    tmp_path)
+    assert code == 0
+    s = summary(out)
+    assert s["exactness"]["max_abs_error"] <= 1e-5, s
+    assert s["ddim"]["max_abs_error"] > 1e-3, s            # DDIM beside it on the same grid, not exact
+    flow = name in ("sd3", "flux")
+    assert s["settings"]["grid"].startswith("flow sigmas") == flow
+    if flow:
+        code, _ = run(["reconstruct", "--model", str(folder), "--image", img, "--steps", "2", "--spacing",
+                       "trailing"], tmp_path, "bad")
+        assert code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_flux_schedule_follows_the_image_size(tiny_flux_folder):  # noqa: F811
+    from belm.apps import load_model
+    model = load_model(str(tiny_flux_folder))
+    small, large = model.schedule(4, size=(32, 32)), model.schedule(4, size=(256, 256))
+    assert small.fingerprint != large.fingerprint
+    assert small.fingerprint == model.sd.schedule(4, height=32, width=32).fingerprint
 
 
 @pytest.mark.parametrize("cls, words", [
@@ -365,3 +400,89 @@ def test_threads_pin_the_blas_pools_too(tmp_path):
         code, _ = run(["reconstruct", "--num", "1", "--steps", "2", "--threads", "1"], tmp_path)
         assert code == 0
         assert all(pool["num_threads"] == 1 for pool in threadpool_info()), threadpool_info()
+
+
+# -- issue 13: the bundled rectified flow ------------------------------------------------------
+def test_digits_flow_round_trip_via_the_cli(tmp_path, capsys):
+    """Acceptance: digits-flow round trip max abs <= 1e-5 via the CLI."""
+    code, out = run(["reconstruct", "--model", "digits-flow", "--steps", "10", "--num", "4"], tmp_path)
+    assert code == 0 and summary(out)["max_abs_error"] <= 1e-5 and summary(out)["ddim"]["max_abs_error"] > 1e-3
+    assert "grid: flow sigmas" in capsys.readouterr().out
+    code, _ = run(["sample", "--model", "digits-flow", "--spacing", "leading", "--num", "1"], tmp_path, "bad")
+    _one_line_error(capsys, code, "--spacing leading", "flow model digits-flow", "omit --spacing")
+
+
+@pytest.mark.parametrize("command, key", [
+    (["edit", "--source", "3", "--target", "8", "--num", "2", "--steps", "4"], "success_rate"),
+    (["interpolate", "--num", "4", "--steps", "4"], "middle_fd"),
+    (["sample", "--num", "2", "--steps", "3"], "seconds"),
+    (["fd", "--num", "20", "--steps", "3", "--guidance", "1"], "fd"),
+])
+def test_digits_flow_commands(tmp_path, command, key):
+    code, out = run(command + ["--model", "digits-flow"], tmp_path)
+    assert code == 0 and summary(out)["settings"]["model"] == "digits-flow"
+    assert summary(out)[key] is not None
+
+
+# -- issue 11 item 3: latent files ----------------------------------------------------------------
+@pytest.mark.parametrize("model", ["digits", "digits-flow"])
+def test_saved_latent_samples_back_bit_for_bit(tmp_path, capsys, model):
+    from safetensors.torch import load_file
+
+    from belm import Latent
+    from belm.apps import load_model, reconstruct
+    lat = tmp_path / "lat.safetensors"
+    code, out = run(["reconstruct", "--model", model, "--num", "3", "--steps", "10", "--source", "3",
+                     "--save-latent", str(lat)], tmp_path, "rec")
+    assert code == 0 and lat.is_file() and summary(out)["saved_latent"]["images"] == 3
+    assert f"--latent {lat}" in capsys.readouterr().out          # says how to sample it back
+    code, out = run(["sample", "--model", model, "--latent", str(lat), "--steps", "10", "--target", "3",
+                     "--guidance", "1"], tmp_path, "back")
+    assert code == 0
+    back = load_file(out / "samples.safetensors")["images"]
+    handle = load_model(model)
+    images, labels = handle.reference_images("heldout")
+    pick = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:3]]
+    round_trip = reconstruct(handle, pick, steps=10, condition=3, progress=False)
+    assert torch.equal(back, round_trip["reconstruction"].to(torch.float32))
+    assert torch.equal(Latent.load(lat).states[0], round_trip["inverted"].states[0])
+    # another sampler, another N: refused with both named, nothing written
+    for args, words in ((["--sampler", "bdia", "--steps", "10"], ("OBELM", "BDIA")),
+                        (["--steps", "12"], ("different schedule", "N=12"))):
+        code, _ = run(["sample", "--model", model, "--latent", str(lat), "--target", "3", *args], tmp_path, "bad")
+        _one_line_error(capsys, code, *words)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_saved_latents_of_edit_and_interpolate(tmp_path, capsys):
+    from belm import Latent
+    lat = tmp_path / "edit.safetensors"
+    code, out = run(["edit", "--source", "3", "--target", "8", "--num", "2", "--steps", "6", "--freeze", "2",
+                     "--save-latent", str(lat)], tmp_path, "e")
+    assert code == 0 and Latent.load(lat).level == 2 and Latent.load(lat).states[0].shape[0] == 2
+    code, out = run(["sample", "--latent", str(lat), "--steps", "6", "--target", "8", "--guidance", "3"],
+                    tmp_path, "s")
+    assert code == 0 and len(list(out.glob("sample_*.png"))) == 2
+    lat = tmp_path / "pair.safetensors"
+    code, _ = run(["interpolate", "--num", "3", "--steps", "4", "--save-latent", str(lat)], tmp_path, "i")
+    assert code == 0 and Latent.load(lat).states[0].shape[0] == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["sample", "--latent", "/no/such.safetensors"], ("--latent /no/such.safetensors", "no such file")),
+    (["reconstruct", "--num", "1", "--save-latent", "/no/such/dir/l.safetensors"], ("--save-latent", "does not exist")),
+])
+def test_latent_paths_are_checked_before_work(tmp_path, capsys, args, words):
+    code, out = run(args, tmp_path)
+    _one_line_error(capsys, code, *words)
+    assert not out.exists()
+
+
+def test_sample_latent_of_the_conditional_digits_needs_its_condition(tmp_path, capsys):
+    lat = tmp_path / "lat.safetensors"
+    assert run(["reconstruct", "--num", "2", "--steps", "3", "--save-latent", str(lat)], tmp_path, "r")[0] == 0
+    assert "--target " in capsys.readouterr().out                 # the labels it was inverted with
+    code, _ = run(["sample", "--latent", str(lat), "--steps", "3"], tmp_path)
+    _one_line_error(capsys, code, "--latent", "needs --target")
+    code, _ = run(["sample", "--latent", str(lat), "--steps", "3", "--target", "1,2,3"], tmp_path)
+    _one_line_error(capsys, code, "--target lists 3 class ids", "2 images")

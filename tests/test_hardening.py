@@ -224,6 +224,8 @@ def test_same_seed_same_bits_for_sampling_and_inversion():
     ["edit", "--source", "1", "--target", "7", "--num", "2", "--steps", "4"],
     ["interpolate", "--num", "3", "--steps", "4"],
     ["fd", "--num", "20", "--steps", "3", "--guidance", "1"],
+    ["edit", "--model", "digits-flow", "--source", "1", "--target", "7", "--num", "2", "--steps", "4"],
+    ["interpolate", "--model", "digits-flow", "--num", "4", "--steps", "4"],
 ])
 def test_every_cli_command_is_deterministic(tmp_path, command):
     from belm.cli import main
