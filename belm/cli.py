@@ -119,9 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--p", type=float, default=None, help="EDICT's mixing p in (0, 1) (--sampler edict; "
                        "default 0.93)")
         p.add_argument("--seed", type=int, default=0, help="seed (sample i uses seed + i; picks held-out digits)")
-        p.add_argument("--num", type=int, default=num,
-                       help="number of images" + ("; default 16 (with --latent: the latent's images)" if num is None
-                                                  else ""))
+        latent_note = "; default 16 (with --latent: its first --num images, default all)"
+        p.add_argument("--num", type=int, default=num, help="number of images" + (latent_note if num is None else ""))
         p.add_argument("--out", default=None, help="output folder (default outputs/COMMAND)")
         p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
         p.add_argument("--dtype", default="float32", choices=DTYPES,
@@ -226,8 +225,6 @@ def _check_paths(args: argparse.Namespace) -> None:
     if latent is not None:
         if not os.path.isfile(latent):
             raise CLIError(f"--latent {latent}: no such file; pass a file written by --save-latent")
-        if args.num is not None:
-            raise CLIError(f"--num does not apply to --latent (the latent holds its own images); omit --num")
     target = getattr(args, "save_latent", None)
     if target is not None:
         parent = os.path.dirname(os.path.abspath(target))
@@ -633,10 +630,15 @@ def _latent_conditions(model, args):
 
 
 def _sample_latent(args: argparse.Namespace, model) -> dict:
-    from belm import Latent
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid, save_images
+    from belm.solvers.base import Latent
     latent = Latent.load(args.latent, device=args.device)
+    if args.num is not None:     # the first --num images of the latent
+        if args.num > latent.states[0].shape[0]:
+            raise CLIError(f"--num {args.num}: the latent holds {latent.states[0].shape[0]} images; pass at most that "
+                           "or omit --num")
+        latent = latent.replace(states=[t[:args.num] for t in latent.states])
     condition = _latent_conditions(model, args)
     count = latent.states[0].shape[0]
     if isinstance(condition, list) and len(condition) != count:

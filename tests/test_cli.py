@@ -486,3 +486,7 @@ def test_sample_latent_of_the_conditional_digits_needs_its_condition(tmp_path, c
     _one_line_error(capsys, code, "--latent", "needs --target")
     code, _ = run(["sample", "--latent", str(lat), "--steps", "3", "--target", "1,2,3"], tmp_path)
     _one_line_error(capsys, code, "--target lists 3 class ids", "2 images")
+    code, _ = run(["sample", "--latent", str(lat), "--steps", "3", "--target", "1", "--num", "3"], tmp_path)
+    _one_line_error(capsys, code, "--num 3", "holds 2 images")
+    code, out = run(["sample", "--latent", str(lat), "--steps", "3", "--target", "1", "--num", "1"], tmp_path)
+    assert code == 0 and sorted(p.name for p in out.glob("sample_*.png")) == ["sample_000000.png"]
