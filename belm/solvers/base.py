@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from belm.errors import LatentMismatchError, NonFiniteError
 from belm.schedule import Schedule
 from belm.solvers.chain import Chain, Network
+from belm.solvers.growth import check_inversion_growth
 
 __all__ = ["Latent", "Sampler", "EpsFn", "Callback", "check_tensor", "GRAD_MODES"]
 
@@ -361,6 +362,9 @@ class Sampler:
 
     def _warn_about_growth(self) -> None:
         """Methods with a parasitic mode warn once when this grid makes inversion amplify it."""
+        if not self._growth_checked:
+            self._growth_checked = True
+            check_inversion_growth(self, stacklevel=4)
 
     def _reversible_sample(self, x: torch.Tensor | Latent, from_level: int,
                            callback: Optional[Callback]) -> torch.Tensor:
