@@ -287,8 +287,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        plan, params = ctx.plan, ctx.params
-        ctx.plan = ctx.params = None
+        plan, params = ctx.plan, ctx.params      # the plan drops its chain after one backward
         input_grads, param_grads = plan.backward(grads, params)
         return (None, *[None if g is None else g.to(dtype) for g, dtype in zip(input_grads, plan.input_dtypes)],
                 *[None if g is None else g.to(p.dtype) for g, p in zip(param_grads, params)])
