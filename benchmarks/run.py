@@ -15,7 +15,7 @@ import traceback
 
 import torch
 
-from . import accuracy, e2e, exactness, memory, overhead, quality
+from . import accuracy, e2e, exactness, memory, overhead, quality, reversible
 from .common import Section, load_average, log, machine_line
 
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op CPU threads (default 1: stable figures on a shared machine; 0 = torch's "
                         "default)")
     p.add_argument("--only", default=None,
-                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,exactness,quality")
+                   help="comma-separated subset of sections: overhead,e2e,memory,accuracy,exactness,quality,reversible")
     return p
 
 
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     section("accuracy", "Accuracy: RMS endpoint error and empirical order", accuracy.run, "cpu", q, plot_dir)
     section("exactness", "Exactness: round-trip error (CPU)", exactness.run, "cpu", q, plot_dir)
     section("quality", "Sample quality: FD-digits (CPU)", quality.run, "cpu", q, plot_dir)
+    section("reversible", reversible.TITLE, reversible.run, "cpu", q)
     if gpu:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -138,6 +139,14 @@ def summary_lines(figures: dict) -> list[str]:
         best = min(qual["fd"], key=lambda k: qual["fd"][k][-1])
         lines.append(f"- FD-digits at N = {n}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in qual["fd"].items())
                      + f" (floor {qual['floor']:.3g}; best {best}).")
+    rv = figures.get("reversible")
+    if rv:
+        worst = max(rv["time_ratio"].values())
+        lines.append(f"- Reversible backprop, peak memory at N = {rv['top_N']} ÷ N = 10 (target ≤ 1.2×, "
+                     f"{_ok(rv['mem_growth_reversible'] <= 1.2)}): **{rv['mem_growth_reversible']:.2f}×** (plain "
+                     f"autograd {rv['mem_growth_autograd']:.1f}×); time ÷ plain autograd (target ≤ 3×, "
+                     f"{_ok(worst <= 3)}): " + ", ".join(f"N = {n}: **{r:.2f}×**" for n, r in rv["time_ratio"].items())
+                     + ".")
     return lines
 
 
