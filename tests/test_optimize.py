@@ -101,3 +101,14 @@ def test_optimize_latents_digits_smoke():
     assert summary["mean_l2"] > 0 and 0 <= summary["success_rate"] <= 1
     with pytest.raises(ValueError, match="target must be a class id"):
         optimize_latents(model, images, 3, 12, steps=4, iters=1)
+
+
+def test_normalized_descent_moves_each_latent_by_lr():
+    from belm.apps.optimize import optimize_latent
+    s = OBELM(_MLP().requires_grad_(False), Schedule.from_betas(SD_BETAS, 8), progress=False)
+    latent = s.invert(torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    new, _, _ = optimize_latent(s, latent, lambda x: x.sin().sum(1), iters=1, lr=0.3, optimizer="normalized")
+    moved = torch.sqrt(sum((a - b).flatten(1).square().sum(1) for a, b in zip(new.states, latent.states)))
+    assert torch.allclose(moved, torch.full_like(moved, 0.3), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="optimizer must be 'adam' or 'normalized'"):
+        optimize_latent(s, latent, lambda x: x.sum(), optimizer="sgd")

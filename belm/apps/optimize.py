@@ -34,7 +34,7 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def optimize_latent(sampler: Sampler, latent: Latent, loss_fn: LossFn, *, iters: int = 40, lr: float = 0.05,
-                    states: str = "all", done: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    states: str = "all", optimizer: str = "adam", done: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                     callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
                     ) -> tuple[Latent, torch.Tensor, int]:
     """Adam on a latent's states so that ``loss_fn(sampler.sample(latent))`` decreases.
@@ -46,6 +46,9 @@ def optimize_latent(sampler: Sampler, latent: Latent, loss_fn: LossFn, *, iters:
         iters: at most this many gradient steps (each one forward + one reversible backward
             through all N steps).
         lr: Adam step size, in units of the latent (unit-variance noise at level 0).
+        optimizer: ``"adam"`` (torch.optim.Adam, step ≈ lr per element) or ``"normalized"``
+            (steepest descent: each sample's latent moves by lr in L2 along its gradient, so
+            the change concentrates where the loss is sensitive).
         states: ``"all"`` optimizes every tensor of the latent (both of an O-BELM pair, the
             two EDICT registers), ``"noisiest"`` only ``states[0]``.
         done: optional output (B, ...) → bool (B,): a sample that is done is frozen at the
@@ -60,6 +63,8 @@ def optimize_latent(sampler: Sampler, latent: Latent, loss_fn: LossFn, *, iters:
                         f"{type(latent).__name__}: lattice latents hold integer registers")
     if states not in ("all", "noisiest"):
         raise ValueError(f"states must be 'all' or 'noisiest'; got {states!r}")
+    if optimizer not in ("adam", "normalized"):
+        raise ValueError(f"optimizer must be 'adam' or 'normalized'; got {optimizer!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an integer >= 0; got {iters!r}")
     if not lr > 0 or not math.isfinite(lr):
@@ -68,7 +73,7 @@ def optimize_latent(sampler: Sampler, latent: Latent, loss_fn: LossFn, *, iters:
     trained = tensors if states == "all" else tensors[:1]
     for t in trained:
         t.requires_grad_(True)
-    opt = torch.optim.Adam(trained, lr=lr)
+    opt = torch.optim.Adam(trained, lr=lr) if optimizer == "adam" else None
     batch = tensors[0].shape[0]
     frozen = torch.zeros(batch, dtype=torch.bool, device=tensors[0].device)
     kept_states = [t.detach().clone() for t in tensors]
@@ -95,11 +100,17 @@ def optimize_latent(sampler: Sampler, latent: Latent, loss_fn: LossFn, *, iters:
             callback(it, out.detach(), losses.detach())
         loss = losses.sum() if losses.ndim else losses
         grads = torch.autograd.grad(loss, trained)
-        opt.zero_grad(set_to_none=True)
-        for t, g in zip(trained, grads):
-            t.grad = g
-        opt.step()
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            for t, g in zip(trained, grads):
+                t.grad = g
+            opt.step()
         with torch.no_grad():
+            if opt is None:
+                norm = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads)).clamp_min(1e-30)
+                shape = (-1,) + (1,) * (grads[0].ndim - 1)
+                for t, g in zip(trained, grads):
+                    t.sub_(g * (lr / norm).view(shape).to(g.dtype))
             for t, k in zip(tensors, kept_states):
                 t[frozen] = k[frozen]       # Adam's momentum would still move a frozen sample
     return latent.replace(states=tuple(k.detach() for k in kept_states)), kept_out, it
@@ -107,7 +118,7 @@ def optimize_latent(sampler: Sampler, latent: Latent, loss_fn: LossFn, *, iters:
 
 def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, target: int, *, steps: int = 20,
                      iters: int = 40, lr: float = 0.05, penalty: float = 10.0, sampler: str = "obelm",
-                     states: str = "all", edit_steps: Optional[int] = None, edit_guidance: float = 3.0,
+                     states: str = "all", optimizer: str = "adam", edit_steps: Optional[int] = None, edit_guidance: float = 3.0,
                      progress: bool = False) -> dict[str, Any]:
     """Change held-out digits of class ``source`` until the classifier reads ``target``.
 
@@ -123,7 +134,7 @@ def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, targ
         images: (B, C, H, W) in [−1, 1], all of class ``source``.
         source, target: class ids.
         steps: sampling steps N of the chain optimized through.
-        iters, lr, states: as for :func:`optimize_latent`.
+        iters, lr, states, optimizer: as for :func:`optimize_latent`.
         penalty: weight of the per-image MSE to the original (images in [−1, 1]).
 
     Returns:
@@ -154,7 +165,8 @@ def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, targ
 
     t0 = time.perf_counter()
     latent = s.invert(x0)
-    _, x_opt, iterations = optimize_latent(s, latent, loss_fn, iters=iters, lr=lr, states=states, done=done)
+    _, x_opt, iterations = optimize_latent(s, latent, loss_fn, iters=iters, lr=lr, states=states,
+                                              optimizer=optimizer, done=done)
     optimized = model.decode(x_opt)
     seconds = time.perf_counter() - t0
 
@@ -172,7 +184,7 @@ def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, targ
     ok, l2, psnr = figures(optimized)
     e_ok, e_l2, e_psnr = figures(edited)
     summary = dict(source=source, target=int(target), num=len(images), sampler=sampler, steps=steps, iters=iters,
-                   lr=lr, penalty=penalty, states=states, model=model.name,
+                   lr=lr, penalty=penalty, states=states, optimizer=optimizer, model=model.name,
                    success_rate=ok, mean_l2=l2, mean_psnr=psnr, seconds=seconds, iterations=iterations,
                    edit_success_rate=e_ok, edit_mean_l2=e_l2, edit_mean_psnr=e_psnr, edit_seconds=edit_seconds,
                    edit_steps=edit_steps or steps, edit_guidance=edit_guidance)
