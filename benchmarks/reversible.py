@@ -106,7 +106,8 @@ def run(device: str = "cpu", quick: bool = False) -> tuple[str, dict]:
            "top_N": top}
     text = (f"O-BELM on the bundled digits UNet (1.16 M parameters, float32), batch {BATCH}×1×16×16, class 3; "
             "loss = mean(x_N²); gradients w.r.t. x and every UNet weight. Peak memory: resident-set high-water "
-            "mark above the resident set before the call, min of 2 calls, one fresh process per row (see the module docstring); "
+            "mark above the resident set before the call, min of 2 calls, one fresh process per row (see the "
+            "module docstring); "
             f"time: median of {reps} interleaved repeat(s), ratio = median of per-repeat ratios to plain "
             "autograd at the same N.\n\n"
             + md_table(["N", "variant", "peak MiB", f"peak ÷ same variant at N = {Ns[0]}", "time s",
