@@ -23,6 +23,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--confidence", type=float, default=None)
     p.add_argument("--out", default=os.path.join("benchmarks", "_work", "optimize"))
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -37,7 +38,7 @@ def main(argv=None) -> dict:
     images = images[labels == args.source]
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     images = images[order[: args.num]]
-    result = optimize_latents(model, images, args.source, args.target, steps=args.steps)
+    result = optimize_latents(model, images, args.source, args.target, steps=args.steps, confidence=args.confidence)
     with OutputDir(args.out) as out:
         save_optimize(out, result)
     print(json.dumps(result["summary"], indent=1, sort_keys=True))

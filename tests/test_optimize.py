@@ -101,6 +101,8 @@ def test_optimize_latents_digits_smoke():
     assert summary["mean_l2"] > 0 and 0 <= summary["success_rate"] <= 1
     with pytest.raises(ValueError, match="target must be a class id"):
         optimize_latents(model, images, 3, 12, steps=4, iters=1)
+    with pytest.raises(ValueError, match="confidence must lie in"):
+        optimize_latents(model, images, 3, 8, steps=4, iters=1, confidence=1.0)
 
 
 def test_normalized_descent_moves_each_latent_by_lr():

@@ -119,8 +119,8 @@ def optimize_latent(sampler: Sampler, latent: Latent, loss_fn: LossFn, *, iters:
 
 def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, target: int, *, steps: int = 20,
                      iters: int = 30, lr: float = 0.5, penalty: float = 5.0, sampler: str = "obelm",
-                     states: str = "all", optimizer: str = "normalized", edit_steps: Optional[int] = None,
-                     edit_guidance: float = 3.0,
+                     states: str = "all", optimizer: str = "normalized", confidence: Optional[float] = None,
+                     edit_steps: Optional[int] = None, edit_guidance: float = 3.0,
                      progress: bool = False) -> dict[str, Any]:
     """Change held-out digits of class ``source`` until the classifier reads ``target``.
 
@@ -141,6 +141,10 @@ def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, targ
             L2 per iteration and stops a digit at its first success, which keeps the change
             smaller than Adam's (≈ lr on every element at once).
         penalty: weight of the per-image MSE to the original (images in [−1, 1]).
+        confidence: a digit is done when the classifier's softmax probability of ``target``
+            reaches this (None: as soon as ``target`` is its argmax). The classifier is easily
+            fooled by small changes: a higher confidence pushes the digits further towards
+            looking like ``target``.
 
     Returns:
         dict with ``original``, ``optimized``, ``edited`` images and ``summary``: success_rate,
@@ -151,6 +155,8 @@ def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, targ
         raise ValueError(f"model {model.name} has no classifier; optimize_latents reads the target class with "
                          "the bundled digits classifier (use optimize_latent with your own loss otherwise)")
     target = model.parse_condition(target, "target")
+    if confidence is not None and not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1) or be None; got {confidence!r}")
     if not penalty >= 0:
         raise ValueError(f"penalty must be >= 0; got {penalty!r}")
     eps = model.eps(None, 1.0)
@@ -166,7 +172,10 @@ def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, targ
         return ce + penalty * (picture - images).flatten(1).square().mean(1)
 
     def done(x: torch.Tensor) -> torch.Tensor:
-        return classify(model, model.decode(x)) == labels
+        if confidence is None:
+            return classify(model, model.decode(x)) == labels
+        probs = classifier(model.decode(x).to(torch.float32)).softmax(1)
+        return probs.gather(1, labels[:, None])[:, 0] >= confidence
 
     t0 = time.perf_counter()
     latent = s.invert(x0)
@@ -189,7 +198,8 @@ def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, targ
     ok, l2, psnr = figures(optimized)
     e_ok, e_l2, e_psnr = figures(edited)
     summary = dict(source=source, target=int(target), num=len(images), sampler=sampler, steps=steps, iters=iters,
-                   lr=lr, penalty=penalty, states=states, optimizer=optimizer, model=model.name,
+                   lr=lr, penalty=penalty, states=states, optimizer=optimizer, confidence=confidence,
+                   model=model.name,
                    success_rate=ok, mean_l2=l2, mean_psnr=psnr, seconds=seconds, iterations=iterations,
                    edit_success_rate=e_ok, edit_mean_l2=e_l2, edit_mean_psnr=e_psnr, edit_seconds=edit_seconds,
                    edit_steps=edit_steps or steps, edit_guidance=edit_guidance)
