@@ -21,6 +21,7 @@ from belm.schedule import Schedule
 from belm.solvers.base import Latent, Sampler
 from belm.solvers.chain import Chain, Network, SingleLevelChain
 from belm.solvers.relation import ddim_relation
+from belm.solvers.reversible import ReversibleMixin
 
 __all__ = ["EDICT", "EDICTChain", "Shear"]
 
@@ -86,7 +87,7 @@ class EDICTChain(SingleLevelChain):
         self.level = n - 1
 
 
-class EDICT(Sampler):
+class EDICT(ReversibleMixin, Sampler):
     """EDICT with mixing weight p ∈ (0, 1) (0.93 is the common default). The x branch is the output."""
 
     num_states = 2

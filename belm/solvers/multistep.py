@@ -21,11 +21,12 @@ from belm.solvers.base import Latent, Sampler
 from belm.solvers.bitwise import LatticeChain, LatticeLatent, LatticeRule
 from belm.solvers.chain import Chain, MultistepChain, Network
 from belm.solvers.relation import Relation, ddim_relation
+from belm.solvers.reversible import ReversibleMixin
 
 __all__ = ["MultistepSampler"]
 
 
-class MultistepSampler(Sampler):
+class MultistepSampler(ReversibleMixin, Sampler):
     """A k-step linear multistep sampler. Subclasses define :meth:`relation` for 2 ≤ m ≤ k."""
 
     num_states = 1
