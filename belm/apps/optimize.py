@@ -186,7 +186,7 @@ def optimize_latents(model: ModelHandle, images: torch.Tensor, source: Any, targ
 
     t0 = time.perf_counter()
     edited = edit(model, images, source, target, sampler=sampler, steps=edit_steps or steps,
-                  guidance=edit_guidance, progress=progress)
+                  guidance=edit_guidance, progress=progress)["images"]
     edit_seconds = time.perf_counter() - t0
 
     def figures(result: torch.Tensor) -> tuple[float, float, float]:

@@ -33,7 +33,7 @@ import torch
 
 from belm.errors import LatticeOverflowError
 from belm.solvers.base import Latent
-from belm.solvers.chain import Chain, Network, SingleLevelChain
+from belm.solvers.chain import Network, SingleLevelChain
 from belm.solvers.relation import Relation
 
 __all__ = ["Lattice", "LatticeLatent", "LatticeRule", "LatticeChain"]

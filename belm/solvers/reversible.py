@@ -154,15 +154,11 @@ class _Plan:
 
     # forward ------------------------------------------------------------------------------
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        s, N = self.sampler, self.sampler.schedule.num_steps
+        s = self.sampler
         self.inputs = inputs
         self.input_dtypes = [t.dtype for t in inputs]
         if self.direction == "invert":
-            chain = s.chain_from_clean(inputs[0], self.network)
-            for _ in s._bar(range(self.level, N), "invert"):
-                chain.retreat()
-                s._report(self.callback, chain, "invert")
-            s._check_result(chain.x(chain.lo), "inversion")
+            chain = s._run_inversion(s.chain_from_clean(inputs[0], self.network), self.level, self.callback)
             outs = tuple(t.clone() for t in chain.window())
         else:
             if self.latent is not None:
@@ -170,12 +166,7 @@ class _Plan:
                 chain = s.chain_from_latent(latent, self.network)
             else:
                 chain = s.chain_from_noise(inputs[0], self.level, self.network)
-            for _ in s._bar(range(chain.hi, N), "sample"):
-                chain.advance()
-                s._report(self.callback, chain, "sample")
-            out = chain.x(N)
-            s._check_result(out, "sampling")
-            outs = (out.clone(),)
+            outs = (s._run_sampling(chain, self.callback).clone(),)
         rows = getattr(s, "rows", None)
         self.walk = _LatticeWalk(chain, self.network, rows) if isinstance(chain, LatticeChain) \
             else _Walk(chain, self.direction, self.network, rows)
