@@ -18,6 +18,7 @@ import torch
 
 from . import accuracy, e2e, exactness, flow_quality, lte_timing, memory, overhead, quality, reversible
 from .common import Section, load_average, log, machine_line
+from .sections import marked_sections
 
 
 def _pct(v: float) -> str:
@@ -103,6 +104,10 @@ def main(argv=None) -> int:
 
     wall = time.perf_counter() - t_start
     page = render(args, sections, figures, wall, load_start, gpu)
+    if os.path.isfile(args.out):    # sections written by stand-alone scripts (editing, contention, ...) stay
+        with open(args.out) as f:
+            kept = [sec for sec in marked_sections(f.read()) if sec not in page]
+        page = page.rstrip("\n") + "\n\n" + "\n\n".join(kept) + "\n" if kept else page
     with open(args.out, "w") as f:
         f.write(page)
     log(f"wrote {args.out} in {wall:.0f} s")
