@@ -10,7 +10,7 @@ from belm.errors import BELMError, LatentMismatchError, LatticeOverflowError, No
 from belm.schedule import Schedule
 from belm.solvers import BDIA, BELM, DDIM, EDICT, OBELM, Latent, Sampler
 
-__version__ = "0.1.0"
+from belm._version import __version__
 
 __all__ = ["Schedule", "DDIM", "BDIA", "OBELM", "EDICT", "BELM", "Latent", "Sampler",
            "BELMError", "NonFiniteError", "LatticeOverflowError", "LatentMismatchError", "UnstableRuleError", "__version__"]

@@ -85,7 +85,7 @@ def _pin_threads(threads: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from belm import __version__
+    from belm._version import __version__
     from belm.solvers.registry import sampler_names
 
     parser = _Parser(prog="belm", description="Exact inversion of diffusion models.", formatter_class=_Formatter)
@@ -369,7 +369,7 @@ def _settings(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     """What a summary.json records about the run (enough to repeat it)."""
     import torch
 
-    from belm import __version__
+    from belm._version import __version__
     keys = ("model", "sampler", "steps", "spacing", "guidance", "gamma", "p", "seed", "num", "image", "dtype",
             "device", "batch_size", "source", "target", "freeze", "inversion_guidance", "null_class",
             "negative_prompt", "latent", "save_latent")

@@ -16,8 +16,9 @@ import traceback
 
 import torch
 
-from . import accuracy, e2e, exactness, flow_quality, lte_timing, memory, overhead, quality
+from . import accuracy, e2e, exactness, flow_quality, lte_timing, memory, overhead, quality, reversible
 from .common import Section, load_average, log, machine_line
+from .sections import marked_sections
 
 
 def _pct(v: float) -> str:
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default)")
     p.add_argument("--only", default=None,
                    help="comma-separated subset of sections: overhead,e2e,memory,accuracy,accuracy-flow,exactness,"
-                        "quality,flow-quality,lte")
+                        "quality,flow-quality,lte,reversible")
     return p
 
 
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     section("lte", "Symbolic engine (belm.lte)", lte_timing.run, "cpu", q)
     section("flow-quality", "digits-flow: FD-digits, class accuracy, round trip (CPU)", flow_quality.run, "cpu", q,
             plot_dir)
+    section("reversible", reversible.TITLE, reversible.run, "cpu", q)
     if gpu:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -102,6 +104,10 @@ def main(argv=None) -> int:
 
     wall = time.perf_counter() - t_start
     page = render(args, sections, figures, wall, load_start, gpu)
+    if os.path.isfile(args.out):    # sections written by stand-alone scripts (editing, contention, ...) stay
+        with open(args.out) as f:
+            kept = [sec for sec in marked_sections(f.read()) if sec not in page]
+        page = page.rstrip("\n") + "\n\n" + "\n\n".join(kept) + "\n" if kept else page
     with open(args.out, "w") as f:
         f.write(page)
     log(f"wrote {args.out} in {wall:.0f} s")
@@ -152,6 +158,14 @@ def summary_lines(figures: dict) -> list[str]:
         lines.append(f"- Cold derivation of a rule in a fresh process (target < 1 s, so that an in-memory cache "
                      f"suffices, {_ok(used < 1.0)}): rules in use (k ≤ 3, named rules) at most **{used:.2f} s**"
                      + (f"; {', '.join(others)}" if others else "") + ".")
+    rv = figures.get("reversible")
+    if rv:
+        worst = max(rv["time_ratio"].values())
+        lines.append(f"- Reversible backprop, peak memory at N = {rv['top_N']} ÷ N = 10 (target ≤ 1.2×, "
+                     f"{_ok(rv['mem_growth_reversible'] <= 1.2)}): **{rv['mem_growth_reversible']:.2f}×** (plain "
+                     f"autograd {rv['mem_growth_autograd']:.1f}×); time ÷ plain autograd (target ≤ 3×, "
+                     f"{_ok(worst <= 3)}): " + ", ".join(f"N = {n}: **{r:.2f}×**" for n, r in rv["time_ratio"].items())
+                     + ".")
     return lines
 
 

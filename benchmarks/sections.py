@@ -22,3 +22,9 @@ def write_section(name: str, text: str, path: Path = RESULTS) -> None:
 
 def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def marked_sections(page: str) -> list[str]:
+    """Every ``<!-- name:begin -->`` … ``<!-- name:end -->`` part of ``page``, markers included."""
+    import re
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", page, flags=re.S)]

@@ -26,12 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import tiny_sd_folder  # noqa: F401  (fixture)
+from tiny_models import tiny_flux_folder, tiny_sd3_folder, tiny_sd_folder  # noqa: F401  (fixtures)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SKIP = ("make ", "torchrun ", "pip ")
 #: Placeholders of the README → what the test puts there ({sd}: the tiny SD folder, {img}: an image file).
-PLACEHOLDERS = {"path/to/local/sd-folder": "{sd}", "path/to/sd": "{sd}", "cat.png": "{img}"}
+PLACEHOLDERS = {"path/to/local/sd3-folder": "{sd3}", "path/to/local/flux-folder": "{flux}",
+                "path/to/local/sd-folder": "{sd}", "path/to/sd": "{sd}", "cat.png": "{img}"}
 #: Caps on sizes, applied to every ``belm`` line (new ones included), to keep this file near a
 #: minute on a shared 2-core machine: --steps at most 10, --num at most NUM_CAP[command]
 #: (default 2). The README's sizes are what users run; the code paths are the same, and
@@ -44,19 +45,23 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
 
 
+_FOLDERS: dict[str, Path] = {}
+
+
 def _fill(text: str, sd: Path, img: Path) -> str:
     for key, value in PLACEHOLDERS.items():
-        text = text.replace(key, value.format(sd=sd, img=img))
+        text = text.replace(key, value.format(sd=sd, img=img, **_FOLDERS))
     return text
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_sd_folder):  # noqa: F811
+def inputs(tmp_path_factory, tiny_sd_folder, tiny_sd3_folder, tiny_flux_folder):  # noqa: F811
     from PIL import Image
     folder = tmp_path_factory.mktemp("readme")
     img = folder / "cat.png"
     Image.fromarray((torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0)) * 255)
                     .to(torch.uint8).numpy()).save(img)
+    _FOLDERS.update(sd3=tiny_sd3_folder, flux=tiny_flux_folder)
     return tiny_sd_folder, img, folder
 
 
@@ -89,8 +94,9 @@ def test_readme_has_snippets():
 
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
-def test_python_snippet_runs(index, namespace, inputs):
-    sd_folder, img, _ = inputs
+def test_python_snippet_runs(index, namespace, inputs, monkeypatch):
+    sd_folder, img, folder = inputs
+    monkeypatch.chdir(folder)                  # snippets that write files (lat.save) write there
     code = _fill(blocks("python")[index], sd_folder, img)
     exec(compile(code, f"README.md python block {index}", "exec"), namespace)  # noqa: S102
 

@@ -13,6 +13,7 @@ diffusers' ``DDPMScheduler.from_config``, imported lazily).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,6 +126,10 @@ class DiffusersEps:
         check_finite: raise :class:`belm.errors.NonFiniteError` naming the timestep
             when ε has NaN/Inf (e.g. an fp16 overflow). Off by default: belm's samplers
             already check every ε and name the level too; turn it on for standalone calls.
+        differentiable: run the model under the caller's grad mode instead of
+            ``torch.no_grad()``, so that ``sample(..., grad="reversible" | "autograd")``
+            differentiates through it (w.r.t. x, the model's weights and captured
+            conditioning). Off by default: no graph is built for plain sampling.
 
     Determinism: exact inversion needs ``eps_fn`` to return identical bits for identical
     input bits. The model runs in eval mode (no dropout) under ``torch.no_grad()``, and
@@ -147,7 +152,7 @@ class DiffusersEps:
                  null_class_labels: torch.Tensor | int | None = None,
                  uncond_encoder_hidden_states: torch.Tensor | None = None,
                  prediction_type: str | None = None,
-                 check_finite: bool = False) -> None:
+                 check_finite: bool = False, differentiable: bool = False) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable torch module; got {type(model).__name__}")
         self.model = model
@@ -202,6 +207,7 @@ class DiffusersEps:
         self._t_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._alpha = self.alphas_cumprod.sqrt()
         self._sigma = (1.0 - self.alphas_cumprod).sqrt()
+        self.differentiable = bool(differentiable)
 
     # -- validation helpers -------------------------------------------------------------
     @staticmethod
@@ -343,7 +349,8 @@ class DiffusersEps:
             shape = (B,) + (1,) * (x.ndim - 1)
             alpha = self._alpha[tt].to(device=x.device, dtype=x.dtype).reshape(shape)
             sigma = self._sigma[tt].to(device=x.device, dtype=x.dtype).reshape(shape)
-        with torch.no_grad():
+        # Gradients only when asked: reversible or autograd sampling through the model.
+        with torch.no_grad() if not self.differentiable else contextlib.nullcontext():
             if not self.guided:
                 out = self._forward(x_in, t_in, labels, states).to(device=x.device, dtype=x.dtype)
                 eps = to_epsilon(out, x, alpha, sigma, self.prediction_type)

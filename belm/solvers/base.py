@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from belm.errors import LatentMismatchError, NonFiniteError
 from belm.schedule import Schedule
 from belm.solvers.chain import Chain, Network
+from belm.solvers.growth import check_inversion_growth
 
 __all__ = ["Latent", "Sampler", "EpsFn", "Callback", "check_tensor", "GRAD_MODES"]
 
@@ -229,6 +230,7 @@ class Sampler:
         self.progress = progress
         self.check_finite = check_finite
         self._growth_checked = False
+        self._model_times: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     supports_bitwise: bool = False
 
@@ -326,13 +328,7 @@ class Sampler:
             return self._reversible_sample(x, from_level, callback)
         with self._grad_context(grad):
             chain, out_dtype, device = self._start_sampling(x, from_level)
-            N = self.schedule.num_steps
-            for _ in self._bar(range(chain.hi, N), "sample"):
-                chain.advance()
-                self._report(callback, chain, "sample")
-            out = chain.x(N)
-            self._check_result(out, "sampling")
-            return out.to(device=device, dtype=out_dtype)
+            return self._run_sampling(chain, callback).to(device=device, dtype=out_dtype)
 
     def invert(self, x0: torch.Tensor, *, to_level: int = 0, callback: Optional[Callback] = None,
                grad: Optional[str] = None) -> Latent:
@@ -352,15 +348,14 @@ class Sampler:
             return self._reversible_invert(x0, to_level, callback)
         self._warn_about_growth()
         with self._grad_context(grad):
-            chain = self.chain_from_clean(x0)
-            for _ in self._bar(range(to_level, self.schedule.num_steps), "invert"):
-                chain.retreat()
-                self._report(callback, chain, "invert")
-            self._check_result(chain.x(chain.lo), "inversion")
+            chain = self._run_inversion(self.chain_from_clean(x0), to_level, callback)
             return self.to_latent(chain, x0.dtype)
 
     def _warn_about_growth(self) -> None:
         """Methods with a parasitic mode warn once when this grid makes inversion amplify it."""
+        if not self._growth_checked:
+            self._growth_checked = True
+            check_inversion_growth(self, stacklevel=4)
 
     def _reversible_sample(self, x: torch.Tensor | Latent, from_level: int,
                            callback: Optional[Callback]) -> torch.Tensor:
@@ -384,6 +379,24 @@ class Sampler:
                 UserWarning, stacklevel=3)
         return self.chain_from_noise(x, level), x.dtype, x.device
 
+    def _run_sampling(self, chain: Chain, callback: Optional[Callback]) -> torch.Tensor:
+        """Advance ``chain`` to the clean level (the one sampling loop); returns x at level N."""
+        N = self.schedule.num_steps
+        for _ in self._bar(range(chain.hi, N), "sample"):
+            chain.advance()
+            self._report(callback, chain, "sample")
+        out = chain.x(N)
+        self._check_result(out, "sampling")
+        return out
+
+    def _run_inversion(self, chain: Chain, to_level: int, callback: Optional[Callback]) -> Chain:
+        """Retreat ``chain`` to ``to_level`` (the one inversion loop); returns the chain."""
+        for _ in self._bar(range(to_level, chain.lo), "invert"):
+            chain.retreat()
+            self._report(callback, chain, "invert")
+        self._check_result(chain.x(chain.lo), "inversion")
+        return chain
+
     def _report(self, callback: Optional[Callback], chain: Chain, direction: str) -> None:
         if callback is not None:
             event = chain.event(direction)
@@ -405,7 +418,7 @@ class Sampler:
         state with type promotion inside the kernel, which saves a full cast per step.
         """
         schedule, eps_fn = self.schedule, self.eps_fn
-        times: dict[tuple[int, torch.device], torch.Tensor] = {}
+        times = self._model_times     # built once per sampler: a tensor per level costs ~40 µs
 
         def f(x: torch.Tensor, level: int) -> torch.Tensor:
             key = (level, x.device)

@@ -33,7 +33,7 @@ import torch
 
 from belm.errors import LatticeOverflowError
 from belm.solvers.base import Latent
-from belm.solvers.chain import Chain, Network
+from belm.solvers.chain import Network, SingleLevelChain
 from belm.solvers.relation import Relation
 
 __all__ = ["Lattice", "LatticeLatent", "LatticeRule", "LatticeChain"]
@@ -181,7 +181,7 @@ def _check_register(register: torch.Tensor, what: str, level: int) -> None:
                                    "the lattice cannot hold this chain (use fewer steps)")
 
 
-class LatticeChain(Chain):
+class LatticeChain(SingleLevelChain):
     """A 2-step chain on the integer lattice; state (Y_n, V_n), one level at a time."""
 
     def __init__(self, rule: LatticeRule, network: Network, lattice: Lattice, level: int, Y: torch.Tensor,
@@ -219,17 +219,8 @@ class LatticeChain(Chain):
                              residual=self.residual, scale=self.rule.scale[self.level])
 
     # -- the chain ---------------------------------------------------------------------
-    @property
-    def lo(self) -> int:  # type: ignore[override]
-        return self.level
-
-    @property
-    def hi(self) -> int:  # type: ignore[override]
-        return self.level
-
     def x(self, level: int) -> torch.Tensor:
-        if level != self.level:
-            raise KeyError(f"the lattice chain holds level {self.level} only; asked for {level}")
+        self._check_level(level)
         out = self.Y.to(torch.float64) * (self.rule.scale[level] * self.lattice.x_scale)
         if level == self.rule.N and self.residual is not None:
             out = out + self.residual

@@ -25,7 +25,7 @@ import torch
 
 from belm.solvers.relation import RowsInX
 
-__all__ = ["Chain", "MultistepChain", "Network"]
+__all__ = ["Chain", "MultistepChain", "SingleLevelChain", "Network"]
 
 #: ``network(x_state, level) -> f``: the method's function (ε or velocity) at a state.
 Network = Callable[[torch.Tensor, int], torch.Tensor]
@@ -63,6 +63,24 @@ class Chain:
         """The callback dict of the step just taken (copies: the chain reuses its buffers)."""
         level = self.hi if direction == "sample" else self.lo
         return {"level": level, "x": self.x(level).clone(), "eps": self.last_f, "direction": direction}
+
+
+class SingleLevelChain(Chain):
+    """A chain whose whole state lives at one level (the bitwise lattice, EDICT's registers)."""
+
+    level: int
+
+    @property
+    def lo(self) -> int:  # type: ignore[override]
+        return self.level
+
+    @property
+    def hi(self) -> int:  # type: ignore[override]
+        return self.level
+
+    def _check_level(self, level: int) -> None:
+        if level != self.level:
+            raise KeyError(f"{type(self).__name__} holds level {self.level} only; asked for {level}")
 
 
 def _reuse_buffers() -> bool:

@@ -19,9 +19,9 @@ import torch
 
 from belm.schedule import Schedule
 from belm.solvers.base import Latent, Sampler
-from belm.solvers.growth import check_inversion_growth
-from belm.solvers.chain import Chain, Network
+from belm.solvers.chain import Chain, Network, SingleLevelChain
 from belm.solvers.relation import ddim_relation
+from belm.solvers.reversible import ReversibleMixin
 
 __all__ = ["EDICT", "EDICTChain", "Shear"]
 
@@ -41,7 +41,7 @@ class Shear(NamedTuple):
         return 1 - self.target
 
 
-class EDICTChain(Chain):
+class EDICTChain(SingleLevelChain):
     """The (x, y) register pair of EDICT at one level; steps are the four shears."""
 
     def __init__(self, shears: Sequence[Optional[tuple[Shear, ...]]], network: Network,
@@ -49,17 +49,8 @@ class EDICTChain(Chain):
         self.shears, self.network, self.registers, self.level = shears, network, registers, level
         self.last_f = None
 
-    @property
-    def lo(self) -> int:  # type: ignore[override]
-        return self.level
-
-    @property
-    def hi(self) -> int:  # type: ignore[override]
-        return self.level
-
     def x(self, level: int) -> torch.Tensor:
-        if level != self.level:
-            raise KeyError(f"the EDICT chain holds level {self.level} only; asked for {level}")
+        self._check_level(level)
         return self.registers[X]
 
     def window(self) -> tuple[torch.Tensor, ...]:
@@ -96,7 +87,7 @@ class EDICTChain(Chain):
         self.level = n - 1
 
 
-class EDICT(Sampler):
+class EDICT(ReversibleMixin, Sampler):
     """EDICT with mixing weight p ∈ (0, 1) (0.93 is the common default). The x branch is the output."""
 
     num_states = 2
@@ -126,11 +117,6 @@ class EDICT(Sampler):
         return (f"EDICT's inversion divides by p twice per step, so its state grows like p^-2N "
                 f"(p = {self.p!r}, N = {N}: 10^{2 * N * math.log10(1 / self.p):.1f}; float64 round trips stay exact up to "
                 f"N ≈ {int(math.log(1e7) / (-2 * math.log(self.p)))})")
-
-    def _warn_about_growth(self) -> None:
-        if not self._growth_checked:
-            self._growth_checked = True
-            check_inversion_growth(self, stacklevel=4)
 
     def chain_from_noise(self, x: torch.Tensor, level: int, network: Optional[Network] = None) -> Chain:
         network = network or self.network(self.model_dtype or x.dtype)

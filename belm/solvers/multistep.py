@@ -19,14 +19,14 @@ import torch
 
 from belm.solvers.base import Latent, Sampler
 from belm.solvers.bitwise import LatticeChain, LatticeLatent, LatticeRule
-from belm.solvers.growth import check_inversion_growth
 from belm.solvers.chain import Chain, MultistepChain, Network
 from belm.solvers.relation import Relation, ddim_relation
+from belm.solvers.reversible import ReversibleMixin
 
 __all__ = ["MultistepSampler"]
 
 
-class MultistepSampler(Sampler):
+class MultistepSampler(ReversibleMixin, Sampler):
     """A k-step linear multistep sampler. Subclasses define :meth:`relation` for 2 ≤ m ≤ k."""
 
     num_states = 1
@@ -59,11 +59,6 @@ class MultistepSampler(Sampler):
         return self.num_states > 1 and self.members[-1].bidirectional
 
     # -- chains ------------------------------------------------------------------------
-    def _warn_about_growth(self) -> None:
-        if not self._growth_checked:
-            self._growth_checked = True
-            check_inversion_growth(self, stacklevel=4)
-
     def chain_from_noise(self, x: torch.Tensor, level: int, network: Optional[Network] = None) -> Chain:
         network = network or self.network(self.model_dtype or x.dtype)
         if self.lattice_rule is not None:
