@@ -190,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
                 "inversion, so they come back exactly (larger: faster, end frames within ~2e-5)")
     save_latent(p, "the two inverted latents (one file of batch 2)")
 
+    p = sub.add_parser("optimize", help="change held-out digits to a target class by gradient descent on their "
+                       "exact latents through the whole chain; edit beside it", formatter_class=_Formatter)
+    p.add_argument("--model", default="digits", choices=("digits", "digits-flow"), help="a bundled model")
+    p.add_argument("--source", type=int, required=True, help="class id of the held-out digits to change")
+    p.add_argument("--target", type=int, required=True, help="class id the classifier should read")
+    p.add_argument("--num", type=int, default=16, help="number of digits")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps N of the chain optimized through")
+    p.add_argument("--sampler", default="obelm", choices=("obelm", "bdia", "edict"), help="an exact sampler")
+    p.add_argument("--iters", type=int, default=30, help="at most this many gradient steps per digit")
+    p.add_argument("--lr", type=float, default=0.5, help="L2 length of each latent step (normalized descent)")
+    p.add_argument("--penalty", type=float, default=5.0, help="weight of the MSE to the original image")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="a digit is done when p(target) reaches this (default: when it is the top class)")
+    p.add_argument("--edit-guidance", type=float, default=3.0, help="guidance of the edit run beside it")
+    p.add_argument("--seed", type=int, default=0, help="picks the held-out digits (as belm edit does)")
+    p.add_argument("--out", default=None, help="output folder (default outputs/optimize)")
+    run_options(p)
+
     p = sub.add_parser("fd", help="Fréchet distance (FD-digits) of samples to the held-out digits",
                        formatter_class=_Formatter)
     common(p, num=297, guidance=1.0)
@@ -236,8 +254,33 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise CLIError(f"--save-latent {target}: folder {parent} is not writable; choose another path")
 
 
+def _check_optimize(args: argparse.Namespace) -> None:
+    from belm.models.data import NUM_CLASSES
+    for arg in ("source", "target"):
+        if not 0 <= getattr(args, arg) < NUM_CLASSES:
+            raise CLIError(f"--{arg} must be a class id in [0, {NUM_CLASSES - 1}]; got {getattr(args, arg)}")
+    if args.source == args.target:
+        raise CLIError(f"--target must differ from --source (both {args.source})")
+    for arg in ("num", "steps"):
+        if getattr(args, arg) < 1:
+            raise CLIError(f"--{arg} must be >= 1; got {getattr(args, arg)}")
+    if args.iters < 0:
+        raise CLIError(f"--iters must be >= 0; got {args.iters}")
+    if not args.lr > 0:
+        raise CLIError(f"--lr must be > 0; got {args.lr}")
+    if not args.penalty >= 0:
+        raise CLIError(f"--penalty must be >= 0; got {args.penalty}")
+    if args.confidence is not None and not 0 < args.confidence < 1:
+        raise CLIError(f"--confidence must lie in (0, 1); got {args.confidence}")
+    if args.edit_guidance < 0:
+        raise CLIError(f"--edit-guidance must be >= 0; got {args.edit_guidance}")
+    _check_out(args)
+
+
 def _check(args: argparse.Namespace) -> None:
     from belm.apps.models import BUNDLED_MODELS
+    if args.command == "optimize":
+        return _check_optimize(args)
     bundled = args.model in BUNDLED_MODELS
     _check_paths(args)
     if args.num is None and getattr(args, "latent", None) is None:
@@ -372,7 +415,7 @@ def _settings(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     from belm._version import __version__
     keys = ("model", "sampler", "steps", "spacing", "guidance", "gamma", "p", "seed", "num", "image", "dtype",
             "device", "batch_size", "source", "target", "freeze", "inversion_guidance", "null_class",
-            "negative_prompt", "latent", "save_latent")
+            "negative_prompt", "latent", "save_latent", "iters", "lr", "penalty", "confidence", "edit_guidance")
     settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     settings["threads"] = torch.get_num_threads()
     if settings.get("image") and args.command in ("reconstruct", "edit"):
@@ -450,7 +493,7 @@ def _digits_images(model, args, label: Optional[int] = None, num: Optional[int] 
     """Held-out digits (optionally of one class), chosen by --seed; or the --image files."""
     import torch
     num = args.num if num is None else num
-    if args.image:
+    if getattr(args, "image", None):
         return _load_images(model, args.image), None
     if model.dataset is None:
         raise CLIError(f"--image is required for --model {args.model} (only the bundled models have an image set)")
@@ -720,6 +763,31 @@ def cmd_fd(args: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_optimize(args: argparse.Namespace) -> dict:
+    import torch
+
+    from belm.apps.io import OutputDir
+    from belm.apps.models import load_model
+    from belm.apps.optimize import optimize_latents, save_optimize
+    model = load_model(args.model)
+    images, _ = _digits_images(model, args, label=args.source)
+    result = optimize_latents(model, images, args.source, args.target, steps=args.steps, iters=args.iters,
+                              lr=args.lr, penalty=args.penalty, sampler=args.sampler, confidence=args.confidence,
+                              edit_guidance=args.edit_guidance, progress=not args.no_progress)
+    summary = {**result["summary"], **args.settings}
+    summary["change_what"] = "mean per-image L2 norm (pixels in [-1, 1]) and mean PSNR (dB) against the originals"
+    result["summary"] = summary
+    with OutputDir(args.out) as out:
+        save_optimize(out, result)
+    rows = [["optimize", summary["success_rate"], summary["mean_l2"], summary["mean_psnr"], summary["seconds"]],
+            ["edit", summary["edit_success_rate"], summary["edit_mean_l2"], summary["edit_mean_psnr"],
+             summary["edit_seconds"]]]
+    print(f"{args.source} -> {args.target}, {len(images)} held-out digits, {args.sampler} N = {args.steps} "
+          f"(edit: guidance {args.edit_guidance:g}); threads {torch.get_num_threads()}")
+    print(_table(rows, ["method", "success_rate", "mean_l2", "mean_psnr", "seconds"]))
+    return summary
+
+
 def cmd_demo(args: argparse.Namespace) -> dict:
     from belm.apps.demo import run_demo
     _check_out(args)
@@ -728,7 +796,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 
 
 COMMANDS = {"demo": cmd_demo, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "edit": cmd_edit,
-            "interpolate": cmd_interpolate, "fd": cmd_fd}
+            "interpolate": cmd_interpolate, "fd": cmd_fd, "optimize": cmd_optimize}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

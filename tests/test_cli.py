@@ -490,3 +490,33 @@ def test_sample_latent_of_the_conditional_digits_needs_its_condition(tmp_path, c
     _one_line_error(capsys, code, "--num 3", "holds 2 images")
     code, out = run(["sample", "--latent", str(lat), "--steps", "3", "--target", "1", "--num", "1"], tmp_path)
     assert code == 0 and sorted(p.name for p in out.glob("sample_*.png")) == ["sample_000000.png"]
+
+
+# -- issue 14: belm optimize ---------------------------------------------------------------------
+def test_optimize_reports_beside_edit_and_writes_pictures(tmp_path, capsys):
+    code, out = run(["optimize", "--source", "3", "--target", "8", "--num", "2", "--steps", "4", "--iters", "3"],
+                    tmp_path)
+    assert code == 0
+    s = summary(out)
+    for key in ("success_rate", "mean_l2", "mean_psnr", "seconds", "edit_success_rate", "edit_mean_l2",
+                "edit_mean_psnr", "edit_seconds"):
+        assert s[key] is not None, key
+    assert 0 < s["mean_l2"] < 32 and 0 < s["edit_mean_l2"] < 32 and s["iterations"] <= 3
+    assert s["settings"]["iters"] == 3 and s["command"].startswith("belm optimize")
+    assert (out / "optimize.png").is_file() and len(list(out.glob("optimized_*.png"))) == 2
+    printed = capsys.readouterr().out
+    assert "optimize" in printed and "edit" in printed and "mean_psnr" in printed
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--source", "3", "--target", "3"], ("--target must differ from --source",)),
+    (["--source", "3", "--target", "10"], ("--target must be a class id in [0, 9]",)),
+    (["--source", "3", "--target", "8", "--sampler", "ddim"], ("invalid choice",)),
+    (["--source", "3", "--target", "8", "--lr", "0"], ("--lr must be > 0",)),
+])
+def test_optimize_bad_input_is_one_line(tmp_path, capsys, args, words):
+    code, out = run(["optimize", *args], tmp_path)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1 and not out.exists()
+    for word in words:
+        assert word in err, err
