@@ -86,6 +86,7 @@ def _pin_threads(threads: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from belm._version import __version__
+    from belm.apps.models import BUNDLED_MODELS
     from belm.solvers.registry import sampler_names
 
     parser = _Parser(prog="belm", description="Exact inversion of diffusion models.", formatter_class=_Formatter)
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the tour: reconstruction, editing, interpolation, sampling, FD",
                        formatter_class=_Formatter)
     p.add_argument("--out", default="outputs/demo", help="output folder")
-    p.add_argument("--model", default="digits", choices=("digits", "digits-flow"),
+    p.add_argument("--model", default="digits", choices=BUNDLED_MODELS,
                    help="the bundled model to tour: digits (DDPM) or digits-flow (rectified flow)")
     p.add_argument("--quick", action="store_true", help="fewer images and steps (a smoke test)")
     run_options(p)
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", help="change held-out digits to a target class by gradient descent on their "
                        "exact latents through the whole chain; edit beside it", formatter_class=_Formatter)
-    p.add_argument("--model", default="digits", choices=("digits", "digits-flow"), help="a bundled model")
+    p.add_argument("--model", default="digits", choices=BUNDLED_MODELS, help="a bundled model")
     p.add_argument("--source", type=int, required=True, help="class id of the held-out digits to change")
     p.add_argument("--target", type=int, required=True, help="class id the classifier should read")
     p.add_argument("--num", type=int, default=16, help="number of digits")
@@ -441,8 +442,8 @@ def _load(args: argparse.Namespace):
             raise CLIError(f"--null-class must lie in [0, {model.num_classes - 1}]; got {args.null_class}")
         model.null_class = args.null_class
     if model.flow and args.spacing not in (None, "config"):
-        raise CLIError(f"--spacing {args.spacing} does not apply to the flow model {args.model} (its sigma grid follows "
-                       "the scheduler's shift); omit --spacing")
+        raise CLIError(f"--spacing {args.spacing} does not apply to the flow model {args.model} (its sigma grid "
+                       "follows the scheduler's shift); omit --spacing")
     if args.negative_prompt is not None and model.prompted:
         _use_negative_prompt(model, args.negative_prompt)
     if model.num_classes is not None and model.null_class is None and args.guidance != 1.0 \

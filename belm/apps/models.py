@@ -26,7 +26,7 @@ class ModelHandle:
     """What the applications need from a model.
 
     Attributes:
-        name: "digits" or the folder path.
+        name: "digits", "digits-flow" or the folder path.
         kind: "pixel" (x is the image) or "latent" (Stable Diffusion; x is the VAE latent).
         shape: (C, H, W) of x for sampling from noise.
         num_classes: class-conditional pixel models: number of classes (conditions are ids).
@@ -176,8 +176,13 @@ class FlowModelHandle(ModelHandle):
 
 def load_model(model: str = "digits", *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> ModelHandle:
-    """``"digits"``, ``"digits-flow"`` (bundled) or a local diffusers folder (pixel UNet2DModel or Stable
-    Diffusion)."""
+    """``"digits"``, ``"digits-flow"`` (bundled) or a local diffusers folder: a pixel UNet2DModel pipeline, or a
+    Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX pipeline (through :func:`belm.adapters.from_folder`).
+
+    Raises:
+        FileNotFoundError: no such folder, or an incomplete one.
+        ValueError: a folder belm cannot run (other pipelines, unsupported schedulers), in one line.
+    """
     if model == "digits-flow":
         from belm.models import NULL_CLASS, NUM_CLASSES, load_digits_classifier, load_digits_flow_unet
         unet, scheduler = load_digits_flow_unet(dtype=dtype, device=device)
