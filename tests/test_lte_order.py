@@ -214,7 +214,7 @@ def test_rules_satisfy_the_sampler_protocol():
     np.testing.assert_allclose(b, exact_b, rtol=1e-12, atol=0)
     x0 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     s = BELM(ref.nonlinear_eps, sched, rule=member, progress=False)
-    assert s.steps == 3 and (s.sample(s.invert(x0)) - x0).abs().max().item() <= 1e-9
+    assert s.num_states == 3 and (s.sample(s.invert(x0)) - x0).abs().max().item() <= 1e-9
 
 
 def test_numeric_member_keys_tell_parameters_apart_exactly():

@@ -463,7 +463,8 @@ class Sampler:
         hint = self._growth_hint()
         if not math.isfinite(size) or (hint and size > 1e6):
             raise NonFiniteError(
-                f"the state grew to {size:.3g} before {where} and the network overflowed: {hint or 'the recursion amplifies rounding in this direction'}. "
+                f"the state grew to {size:.3g} before {where} and the network returned NaN/Inf: "
+                f"{hint or 'the recursion amplifies rounding in this direction'}. "
                 "Use fewer steps, or O-BELM", level=level, timestep=timestep)
         raise NonFiniteError(
             f"eps_fn returned NaN/Inf at {where} with a finite state (max |x| = {size:.3g}); check the model "
