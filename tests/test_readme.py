@@ -118,7 +118,8 @@ def _strict(text: str) -> dict:
 
 
 @pytest.mark.parametrize("line", _commands())
-def test_bash_line_runs(line, inputs, capsys):
+def test_bash_line_runs(line, inputs, capsys, monkeypatch):
+    monkeypatch.chdir(inputs[2])              # relative paths (--save-latent, --latent) land in one folder
     if line.startswith(SKIP):
         pytest.skip(f"set-up or multi-process launch, not run here: {line}")
     from belm.cli import main
