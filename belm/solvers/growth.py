@@ -283,6 +283,10 @@ def check_inversion_growth(sampler: Any, threshold: float = DEFAULT_THRESHOLD, *
                 (f"The trailing grid does not help here (growth {alt:.3g}): use more steps or BDIA(gamma=1)")
         else:
             fix = "This is already the trailing grid: use more steps, O-BELM or BDIA(gamma=1)"
+        if hasattr(sampler, "p"):   # EDICT's mode is its p-coupling: more steps make it worse
+            fix = (f"EDICT's register difference is divided by p^2 per inverted step (p^-2N = "
+                   f"10^{2 * sampler.schedule.num_steps * math.log10(1 / sampler.p):.1f}): use fewer steps, p closer "
+                   "to 1, or O-BELM / BDIA(gamma=1)")
         warnings.warn(
             f"{g.method} on this grid (N = {g.num_steps}, last timestep {int(sched.timesteps[-1])}) multiplies the "
             f"parasitic mode by {g.inversion_x:.3g} when inverting (threshold {threshold:g}): inverted latents will "
