@@ -154,8 +154,8 @@ def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True, settin
         figures["seconds"] = elapsed
         report = f"""# belm demo report
 
-Bundled model `{name}` (class-conditional UNet, 16×16{", rectified flow" if model.flow else ""}), CPU, torch {torch.__version__},
-Python {platform.python_version()}; {elapsed:.0f} s in all. Regenerate with `{"make demo" if name == "digits" else "belm demo --model " + name}`.
+Bundled model `{model.name}` (class-conditional UNet, 16×16{", rectified flow" if model.flow else ""}), CPU, torch {torch.__version__},
+Python {platform.python_version()}; {elapsed:.0f} s in all. Regenerate with `{"make demo" if model.name == "digits" else "belm demo --model " + model.name}`.
 
 ## Reconstruction: max abs error of `sample(invert(x0))` over {n_rec} held-out digits
 
@@ -181,7 +181,7 @@ Both tensors of the latent pair are slerped with the same weight; the frames are
 at a time (the batch composition of the inversion), so the end frames come back exactly:
 endpoint error {_fmt(figures["interpolation_endpoint_error"])}; latent std / max abs
 {_fmt(inter["latent_std"])} / {_fmt(inter["latent_max_abs"])}; middle frames: classifier confidence
-{_fmt(inter["middle_confidence"])}, FD-digits {_fmt(inter["middle_fd"])}.
+{_fmt(inter["middle_confidence"])} (FD-digits needs many pairs: `python -m benchmarks.editing`).
 
 ![interpolation](interpolation.png)
 
