@@ -124,9 +124,12 @@ def test_bitwise_errors():
         OBELM(lambda x, t: x * 1e30, sched, progress=False, exact="bitwise").invert(x0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N", [10, 50, 200, 1000])
+@pytest.mark.parametrize("dtype,N", [(torch.float32, 10), (torch.float32, 50), (torch.float32, 200),
+                                     (torch.float32, 1000), (torch.bfloat16, 10), (torch.bfloat16, 50),
+                                     (torch.bfloat16, 200)])
 def test_bitwise_round_trip_with_the_bundled_digits_model(dtype, N):
+    # bfloat16 convolutions are ~12x slower than float32 on CPUs without bf16 units (this
+    # project's AMD EPYC): N = 1000 alone would take 7 min there, so bf16 stops at N = 200.
     from belm.adapters import DiffusersEps
     from belm.models import digits_dataset, load_digits_unet
     unet, scheduler = load_digits_unet(dtype=dtype)
