@@ -63,6 +63,17 @@ def to_epsilon(model_output: torch.Tensor, x: torch.Tensor, alpha: TensorOrNumbe
     return (x - alpha * model_output) / sigma
 
 
+def check_guidance_scale(guidance_scale: Any) -> float:
+    """A classifier-free guidance scale w as a float: finite and >= 0 (1 = no guidance)."""
+    try:
+        w = float(guidance_scale)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"guidance_scale must be a number; got {guidance_scale!r}") from exc
+    if not w >= 0 or w == float("inf"):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance); got {guidance_scale!r}")
+    return w
+
+
 def _config_get(config: Any, key: str, default: Any = None) -> Any:
     if isinstance(config, Mapping):
         return config.get(key, default)
@@ -166,13 +177,7 @@ class DiffusersEps:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
         self.prediction_type: str = prediction_type
 
-        try:
-            w = float(guidance_scale)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"guidance_scale must be a number; got {guidance_scale!r}") from exc
-        if not w >= 0 or w == float("inf"):
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance); got {guidance_scale!r}")
-        self.guidance_scale = w
+        self.guidance_scale = w = check_guidance_scale(guidance_scale)
 
         self.class_labels = self._check_labels(class_labels, "class_labels")
         self.null_class_labels = self._check_labels(null_class_labels, "null_class_labels")

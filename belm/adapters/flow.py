@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from belm.adapters.eps import _model_dtype_device
+from belm.adapters.eps import _model_dtype_device, check_guidance_scale
 from belm.errors import NonFiniteError
 
 __all__ = ["FlowVelocity", "SD3Velocity", "FluxVelocity", "pack_latents", "unpack_latents", "calculate_shift"]
@@ -112,13 +112,7 @@ class FlowVelocity:
         if isinstance(model, torch.nn.Module):
             model.eval()
         self.model = model
-        try:
-            w = float(guidance_scale)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"guidance_scale must be a number; got {guidance_scale!r}") from exc
-        if not w >= 0 or w == float("inf"):
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance); got {guidance_scale!r}")
-        self.guidance_scale = w
+        self.guidance_scale = w = check_guidance_scale(guidance_scale)
         if self.guided:
             if uncond is None or any(uncond.get(k) is None for k in cond):
                 raise ValueError(f"guidance_scale={w} needs the unconditional inputs {sorted(cond)} "
