@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference as ref
+from graph_nodes import Tracked
 from belm import BDIA, BELM, DDIM, EDICT, OBELM, Latent, Schedule
 from belm.errors import LatentMismatchError
 from belm.schedule import make_betas
@@ -111,41 +112,19 @@ def test_latent_files_bad_input(tmp_path):
 
 
 # -- gradients off unless asked ---------------------------------------------------------
-class _Tracked(torch.autograd.Function):
-    """Identity whose autograd node holds a token: live tokens = graph nodes still in memory."""
-
-    live = 0
-
-    class Token:
-        def __init__(self):
-            _Tracked.live += 1
-
-        def __del__(self):
-            _Tracked.live -= 1
-
-    @staticmethod
-    def forward(ctx, h):
-        ctx.token = _Tracked.Token()
-        return h.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
 class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = torch.nn.Linear(4, 4, dtype=torch.float64)
 
     def forward(self, x, t):
-        return _Tracked.apply(torch.tanh(self.lin(x)))
+        return Tracked.apply(torch.tanh(self.lin(x)))
 
 
 def _live_graph_nodes(N, grad):
     s = OBELM(_Net(), Schedule.from_betas(SD_BETAS, N), progress=False)
     seen = []
-    out = s.sample(torch.randn(3, 4, dtype=torch.float64), callback=lambda e: seen.append(_Tracked.live), grad=grad)
+    out = s.sample(torch.randn(3, 4, dtype=torch.float64), callback=lambda e: seen.append(Tracked.live), grad=grad)
     return out, max(seen)
 
 
@@ -160,7 +139,7 @@ def test_sampling_keeps_no_graph_by_default_and_memory_does_not_grow_with_N():
     out, live = _live_graph_nodes(10, "autograd")
     assert out.grad_fn is not None and live == 10
     del out
-    assert _Tracked.live == 0
+    assert Tracked.live == 0
 
 
 def test_grad_argument_is_validated():

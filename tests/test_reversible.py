@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from graph_nodes import Tracked
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -219,47 +221,23 @@ def test_random_schedules_gradients_equal_autograd(betas, spacing, N, name, seed
 
 
 # -- memory: O(k), not O(N) ----------------------------------------------------------------------
-class _Tracked(torch.autograd.Function):
-    """Identity whose autograd node holds a token: live tokens = graph nodes still in memory."""
-
-    live = 0
-    peak = 0
-
-    class Token:
-        def __init__(self):
-            _Tracked.live += 1
-            _Tracked.peak = max(_Tracked.peak, _Tracked.live)
-
-        def __del__(self):
-            _Tracked.live -= 1
-
-    @staticmethod
-    def forward(ctx, h):
-        ctx.token = _Tracked.Token()
-        return h.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_live_graph_nodes_do_not_grow_with_N(name):
     net = _MLP()
 
     def eps(x, t):
-        return _Tracked.apply(net(x, t))
+        return Tracked.apply(net(x, t))
 
     peaks = {}
     for mode in ("reversible", "autograd"):
         for N in (10, 40):
             cls, kw = METHODS[name]
             s = cls(eps, Schedule.from_betas(SD_BETAS, N), progress=False, **kw)
-            _Tracked.live = _Tracked.peak = 0
+            Tracked.live = Tracked.peak = 0
             x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
             s.sample(x, grad=mode).square().sum().backward()
-            peaks[mode, N] = _Tracked.peak
-            assert _Tracked.live == 0 and x.grad is not None
+            peaks[mode, N] = Tracked.peak
+            assert Tracked.live == 0 and x.grad is not None
     calls = 2 if name == "EDICT" else 1                          # network calls per step
     # reversible: the parameter probe, or one re-run step (plus the k−1 start-up steps).
     assert peaks["reversible", 10] == peaks["reversible", 40] <= calls * 2
