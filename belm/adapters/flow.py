@@ -216,6 +216,19 @@ def _output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _prompt_conditioning(owner: str, encoder_hidden_states: Any, pooled_projections: Any,
+                         uncond_encoder_hidden_states: Any, uncond_pooled_projections: Any
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checked (cond, uncond) keyword inputs of a text-conditioned flow transformer."""
+    cond = {"encoder_hidden_states": _check_states(encoder_hidden_states, "encoder_hidden_states", 3),
+            "pooled_projections": _check_states(pooled_projections, "pooled_projections", 2)}
+    if cond["encoder_hidden_states"] is None or cond["pooled_projections"] is None:
+        raise ValueError(f"{owner} needs encoder_hidden_states and pooled_projections (the prompt's)")
+    uncond = {"encoder_hidden_states": _check_states(uncond_encoder_hidden_states, "uncond_encoder_hidden_states", 3),
+              "pooled_projections": _check_states(uncond_pooled_projections, "uncond_pooled_projections", 2)}
+    return cond, uncond
+
+
 class SD3Velocity(FlowVelocity):
     """``fn(x, σ) -> dx/dσ`` from an ``SD3Transformer2DModel`` with batched CFG.
 
@@ -244,13 +257,8 @@ class SD3Velocity(FlowVelocity):
                  uncond_encoder_hidden_states: torch.Tensor | None = None,
                  uncond_pooled_projections: torch.Tensor | None = None, guidance_scale: float = 1.0,
                  num_train_timesteps: int = 1000, check_finite: bool = False) -> None:
-        cond = {"encoder_hidden_states": _check_states(encoder_hidden_states, "encoder_hidden_states", 3),
-                "pooled_projections": _check_states(pooled_projections, "pooled_projections", 2)}
-        if cond["encoder_hidden_states"] is None or cond["pooled_projections"] is None:
-            raise ValueError("SD3Velocity needs encoder_hidden_states and pooled_projections (the prompt's)")
-        uncond = {"encoder_hidden_states": _check_states(uncond_encoder_hidden_states,
-                                                         "uncond_encoder_hidden_states", 3),
-                  "pooled_projections": _check_states(uncond_pooled_projections, "uncond_pooled_projections", 2)}
+        cond, uncond = _prompt_conditioning("SD3Velocity", encoder_hidden_states, pooled_projections,
+                                            uncond_encoder_hidden_states, uncond_pooled_projections)
         super().__init__(transformer, cond, uncond, guidance_scale=guidance_scale,
                          num_train_timesteps=num_train_timesteps, check_finite=check_finite)
         config = getattr(transformer, "config", None)
@@ -302,13 +310,8 @@ class FluxVelocity(FlowVelocity):
                  uncond_encoder_hidden_states: torch.Tensor | None = None,
                  uncond_pooled_projections: torch.Tensor | None = None, true_cfg_scale: float = 1.0,
                  num_train_timesteps: int = 1000, check_finite: bool = False) -> None:
-        cond = {"encoder_hidden_states": _check_states(encoder_hidden_states, "encoder_hidden_states", 3),
-                "pooled_projections": _check_states(pooled_projections, "pooled_projections", 2)}
-        if cond["encoder_hidden_states"] is None or cond["pooled_projections"] is None:
-            raise ValueError("FluxVelocity needs encoder_hidden_states and pooled_projections (the prompt's)")
-        uncond = {"encoder_hidden_states": _check_states(uncond_encoder_hidden_states,
-                                                         "uncond_encoder_hidden_states", 3),
-                  "pooled_projections": _check_states(uncond_pooled_projections, "uncond_pooled_projections", 2)}
+        cond, uncond = _prompt_conditioning("FluxVelocity", encoder_hidden_states, pooled_projections,
+                                            uncond_encoder_hidden_states, uncond_pooled_projections)
         super().__init__(transformer, cond, uncond, guidance_scale=true_cfg_scale,
                          num_train_timesteps=num_train_timesteps, check_finite=check_finite)
         config = getattr(transformer, "config", None)

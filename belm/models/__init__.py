@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,43 +58,37 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def load_digits_unet(dtype: torch.dtype = torch.float32, device="cpu"):
-    """Return ``(unet, scheduler)``: the bundled UNet2DModel (eval mode, EMA weights) and its DDPMScheduler."""
-    from diffusers import DDPMScheduler, UNet2DModel
+def _load_bundled(folder: Path, what: str, scheduler_class: Any, dtype: torch.dtype, device: Any):
+    """(unet, scheduler) of a bundled model folder: safetensors only, eval mode, frozen."""
+    from diffusers import UNet2DModel
 
-    _require(DIGITS_PATH / "unet" / "config.json", "unet")
-    _require(DIGITS_PATH / "unet" / "diffusion_pytorch_model.safetensors", "unet")
-    _require(DIGITS_PATH / "scheduler" / "scheduler_config.json", "unet")
+    _require(folder / "unet" / "config.json", what)
+    _require(folder / "unet" / "diffusion_pytorch_model.safetensors", what)
+    _require(folder / "scheduler" / "scheduler_config.json", what)
     unet = UNet2DModel.from_pretrained(
-        str(DIGITS_PATH / "unet"), use_safetensors=True, local_files_only=True, torch_dtype=dtype,
+        str(folder / "unet"), use_safetensors=True, local_files_only=True, torch_dtype=dtype,
         low_cpu_mem_usage=False,
     )
     if unet.dtype != dtype:  # a no-op .to(dtype) makes diffusers warn on every load
         unet = unet.to(dtype=dtype)
     unet = unet.to(device=device).eval().requires_grad_(False)
-    scheduler = DDPMScheduler.from_pretrained(str(DIGITS_PATH / "scheduler"), local_files_only=True)
-    return unet, scheduler
+    return unet, scheduler_class.from_pretrained(str(folder / "scheduler"), local_files_only=True)
+
+
+def load_digits_unet(dtype: torch.dtype = torch.float32, device="cpu"):
+    """Return ``(unet, scheduler)``: the bundled UNet2DModel (eval mode, EMA weights) and its DDPMScheduler."""
+    from diffusers import DDPMScheduler
+
+    return _load_bundled(DIGITS_PATH, "unet", DDPMScheduler, dtype, device)
 
 
 def load_digits_flow_unet(dtype: torch.dtype = torch.float32, device="cpu"):
     """Return ``(unet, scheduler)``: the bundled rectified-flow UNet2DModel (eval mode, EMA weights)
     and its FlowMatchEulerDiscreteScheduler (T = 1000, shift 1). Sample it on
     ``Schedule.from_diffusers(scheduler, N)`` with ``UNetVelocity(unet, class_labels=...)``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    _require(DIGITS_FLOW_PATH / "unet" / "config.json", "flow")
-    _require(DIGITS_FLOW_PATH / "unet" / "diffusion_pytorch_model.safetensors", "flow")
-    _require(DIGITS_FLOW_PATH / "scheduler" / "scheduler_config.json", "flow")
-    unet = UNet2DModel.from_pretrained(
-        str(DIGITS_FLOW_PATH / "unet"), use_safetensors=True, local_files_only=True, torch_dtype=dtype,
-        low_cpu_mem_usage=False,
-    )
-    if unet.dtype != dtype:
-        unet = unet.to(dtype=dtype)
-    unet = unet.to(device=device).eval().requires_grad_(False)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(DIGITS_FLOW_PATH / "scheduler"),
-                                                                local_files_only=True)
-    return unet, scheduler
+    return _load_bundled(DIGITS_FLOW_PATH, "flow", FlowMatchEulerDiscreteScheduler, dtype, device)
 
 
 def load_digits_classifier(device="cpu") -> DigitClassifier:
