@@ -320,3 +320,66 @@ def test_diffusers_eps_reads_dtype_device_once_and_follows_a_move(monkeypatch):
     expected = unet(x, torch.tensor([500, 500])).sample
     assert torch.equal(moved, expected)        # the float64 network ran, on the float64 input as is
     assert not torch.equal(moved, first)       # and not the cached float32 path
+
+
+def test_diffusers_eps_conditioning_cache_follows_changes_to_the_embeddings():
+    """The cast/broadcast conditioning is reused across calls, but never a stale copy: an
+    in-place edit, a new tensor, a new guidance scale and a move of the model all show."""
+    from belm.adapters import eps as eps_module
+    from tiny_models import tiny_unet
+    unet, scheduler = tiny_unet(class_conditional=True)
+    unet.to(torch.float64)                     # the float64 network: the labels are not cast
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([3])
+    eps = eps_module.DiffusersEps(unet, scheduler, class_labels=labels, null_class_labels=0)
+
+    def direct(y, w=1.0, y0=0):
+        with torch.no_grad():
+            t = torch.tensor([500, 500])
+            e_c = unet(x, t, class_labels=torch.tensor(y).expand(2)).sample
+            if w == 1.0:
+                return e_c
+            e_u = unet(x, t, class_labels=torch.tensor(y0).expand(2)).sample
+            return e_u + w * (e_c - e_u)
+
+    assert torch.equal(eps(x, 500), direct(3))
+    labels.fill_(5)                            # edited in place
+    assert torch.equal(eps(x, 500), direct(5))
+    eps.class_labels = torch.tensor([7])       # replaced
+    assert torch.equal(eps(x, 500), direct(7))
+    eps.guidance_scale = 2.0                   # guidance switched on: 2B batch, unconditional first
+    # (one batch of 2B against two of B: equal up to the kernels' batch-dependent rounding)
+    torch.testing.assert_close(eps(x, 500), direct(7, 2.0), rtol=1e-12, atol=1e-12)
+    eps.guidance_scale = 1.0
+    assert torch.equal(eps(x, 500), direct(7))
+    # a time tensor edited in place between calls is read again
+    t = torch.tensor(500)
+    first = eps(x, t)
+    t.fill_(100)
+    with torch.no_grad():
+        expected = unet(x, torch.tensor([100, 100]), class_labels=torch.tensor([7, 7])).sample
+    assert torch.equal(eps(x, t), expected) and not torch.equal(first, expected)
+
+
+def test_diffusers_eps_text_embedding_cache_follows_in_place_edits_after_a_cast():
+    """With a float32 network the float64 embedding is cast once and cached; editing the
+    float64 tensor in place must reach the network (a stale cast would not)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from belm.adapters import eps as eps_module
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=2)
+    scheduler = DDPMScheduler()
+    cond = torch.randn(1, 7, unet.config.cross_attention_dim, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(2))
+    eps = eps_module.DiffusersEps(unet, scheduler, encoder_hidden_states=cond)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    before = eps(x, 300)
+    cond.mul_(-1.0)
+    after = eps(x, 300)
+    with torch.no_grad():
+        expected = unet(x, torch.tensor([300]), encoder_hidden_states=cond.float()).sample
+    assert torch.equal(after, expected) and not torch.equal(before, after)

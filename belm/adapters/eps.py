@@ -13,7 +13,7 @@ diffusers' ``DDPMScheduler.from_config``, imported lazily).
 
 from __future__ import annotations
 
-import contextlib
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -104,6 +104,17 @@ def _model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.devi
     for p in model.parameters():
         return p.dtype, p.device
     return torch.float32, torch.device("cpu")
+
+
+def _version_of(value: torch.Tensor | None) -> int | None:
+    """The in-place write counter of a tensor (None for None; -1 for inference-mode tensors,
+    which have none and cannot be written outside inference mode)."""
+    if value is None:
+        return None
+    try:
+        return value._version
+    except RuntimeError:
+        return -1
 
 
 class DiffusersEps:
@@ -207,12 +218,19 @@ class DiffusersEps:
         self._probe_key: tuple[torch.dtype, torch.device] | None = None
         self._dtype_device_cache: tuple[torch.dtype, torch.device] | None = None
         # Per-call constants, built once: the timestep tensors handed to the network, keyed by
-        # (train timestep, batch, device) (a sampling run revisits the same few), and
+        # (train timestep, batch, device, guided) (a sampling run revisits the same few) and
+        # by the time tensor itself (belm's samplers pass the same objects every run), and
         # sqrt(ā), sqrt(1 − ā), needed only to convert v / x0 predictions.
-        self._t_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._t_cache: dict[tuple[int, int, torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._t_by_object: dict[tuple[int, int, torch.device, bool], tuple[torch.Tensor, int, tuple]] = {}
         self._alpha = self.alphas_cumprod.sqrt()
         self._sigma = (1.0 - self.alphas_cumprod).sqrt()
         self.differentiable = bool(differentiable)
+        in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+        self._in_channels: int | None = in_channels if isinstance(in_channels, int) else None
+        # The conditioning as the network takes it, keyed by (batch, dtype, device, guided):
+        # the broadcast, cast and guidance concatenation are the same on every call of a run.
+        self._cond_cache: dict[tuple[int, torch.dtype, torch.device, bool], tuple[tuple, tuple, tuple]] = {}
 
     # -- validation helpers -------------------------------------------------------------
     @staticmethod
@@ -267,26 +285,74 @@ class DiffusersEps:
         self._dtype_device_cache = found
         return found
 
-    def _timesteps_for(self, t: torch.Tensor | int, batch: int,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(validated int64 CPU timesteps (B,), the same on the network's device), cached for a
-        scalar ``t`` (an int or a 0-dim integer CPU tensor: what belm's samplers pass)."""
+    def _conditioning(self, batch: int, dtype: torch.dtype, device: torch.device, guided: bool
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(class_labels, encoder_hidden_states) as the forward takes them: broadcast to
+        ``batch``, on the network's device, embeddings in its dtype, and with guidance the
+        unconditional half first (batch 2B); None where not given. Cached per (batch, dtype,
+        device) unless gradients may flow into the embeddings (``differentiable``: a cached
+        cast would detach them from later edits)."""
+        sources = (self.class_labels, self.encoder_hidden_states, self.null_class_labels,
+                   self.uncond_encoder_hidden_states)
+        # Valid while the same tensors, unmodified in place, are attached (._version counts
+        # in-place writes); the entry keeps the sources alive so `is` cannot see a recycled id.
+        stamp = tuple(map(_version_of, sources))
+        key = (batch, dtype, device, guided)
+        hit = None if self.differentiable else self._cond_cache.get(key)
+        if hit is not None and hit[2] == stamp and all(map(operator.is_, hit[0], sources)):
+            return hit[1]
+
+        def dev(v: torch.Tensor | None, name: str, float_cast: bool) -> torch.Tensor | None:
+            if v is None:
+                return None
+            v = self._broadcast(v, batch, name)
+            return v.to(device=device, dtype=dtype) if float_cast else v.to(device)
+
+        labels = dev(self.class_labels, "class_labels", False)
+        states = dev(self.encoder_hidden_states, "encoder_hidden_states", True)
+        if guided:
+            if labels is not None:
+                labels = torch.cat([dev(self.null_class_labels, "null_class_labels", False), labels])
+            if states is not None:
+                states = torch.cat([dev(self.uncond_encoder_hidden_states, "uncond_encoder_hidden_states", True),
+                                    states])
+        found = (labels, states)
+        if not self.differentiable:
+            if len(self._cond_cache) > 64:
+                self._cond_cache.clear()
+            self._cond_cache[key] = (sources, found, stamp)
+        return found
+
+    def _timesteps_for(self, t: torch.Tensor | int, batch: int, device: torch.device,
+                       guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(validated int64 CPU timesteps (B,), the network's timesteps on its device: (B,), or
+        (2B,) with guidance). Cached for a scalar ``t``: an int, or a 0-dim integer CPU tensor
+        (what belm's samplers pass, the same tensor object every run, so it is looked up by
+        identity before its value is read)."""
+        if isinstance(t, torch.Tensor):
+            entry = self._t_by_object.get((id(t), batch, device, guided))
+            if entry is not None and entry[0] is t and entry[1] == t._version:
+                return entry[2]
         key = None
         if type(t) is int:
             key = t
         elif isinstance(t, torch.Tensor) and t.ndim == 0 and t.device.type == "cpu" \
                 and t.dtype in (torch.int64, torch.int32, torch.int16):
             key = int(t)
-        if key is not None:
-            hit = self._t_cache.get((key, batch, device))
-            if hit is not None:
-                return hit
-        tt = self._timestep(t, batch)
-        pair = (tt, tt.to(device))
-        if key is not None:
+        pair = None if key is None else self._t_cache.get((key, batch, device, guided))
+        if pair is None:
+            tt = self._timestep(t, batch)
+            t_in = tt.to(device)
+            pair = (tt, torch.cat([t_in, t_in]) if guided else t_in)
+            if key is None:
+                return pair
             if len(self._t_cache) > 4096:  # bounded: a few grids × batch sizes in practice
                 self._t_cache.clear()
-            self._t_cache[(key, batch, device)] = pair
+            self._t_cache[(key, batch, device, guided)] = pair
+        if isinstance(t, torch.Tensor) and not t.is_inference():
+            if len(self._t_by_object) > 4096:  # callers may pass a new tensor object per call
+                self._t_by_object.clear()
+            self._t_by_object[(id(t), batch, device, guided)] = (t, t._version, pair)
         return pair
 
     def _timestep(self, t: torch.Tensor | int, batch: int) -> torch.Tensor:
@@ -321,6 +387,25 @@ class DiffusersEps:
             out = out[:, : x.shape[1]]  # learned variance: keep the mean prediction
         return out
 
+    def _epsilon(self, x: torch.Tensor, x_in: torch.Tensor, tt: torch.Tensor, t_in: torch.Tensor,
+                 labels: torch.Tensor | None, states: torch.Tensor | None, guided: bool) -> torch.Tensor:
+        """One forward (batch 2B with guidance) and the conversion to ε in x's dtype and device."""
+        alpha = sigma = None
+        if self.prediction_type != "epsilon":
+            shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+            alpha = self._alpha[tt].to(device=x.device, dtype=x.dtype).reshape(shape)
+            sigma = self._sigma[tt].to(device=x.device, dtype=x.dtype).reshape(shape)
+        if not guided:
+            out = self._forward(x_in, t_in, labels, states)
+            if out.dtype != x.dtype or out.device != x.device:
+                out = out.to(device=x.device, dtype=x.dtype)
+            return to_epsilon(out, x, alpha, sigma, self.prediction_type)
+        B = x.shape[0]
+        out = self._forward(torch.cat([x_in, x_in]), t_in, labels, states).to(device=x.device, dtype=x.dtype)
+        e_u = to_epsilon(out[:B], x, alpha, sigma, self.prediction_type)
+        e_c = to_epsilon(out[B:], x, alpha, sigma, self.prediction_type)
+        return e_u + self.guidance_scale * (e_c - e_u)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """ε at ``x`` (shape (B, C, H, W), any float dtype/device) and train timestep ``t``.
 
@@ -330,47 +415,27 @@ class DiffusersEps:
             raise TypeError(f"x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
         if x.ndim < 2:
             raise ValueError(f"x must have a batch dimension, shape (B, C, ...); got {tuple(x.shape)}")
-        in_channels = getattr(getattr(self.model, "config", None), "in_channels", None)
-        if isinstance(in_channels, int) and x.shape[1] != in_channels:
+        in_channels = self._in_channels
+        if in_channels is not None and x.shape[1] != in_channels:
             raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but the model expects "
                              f"in_channels={in_channels}; pass a tensor of shape (B, {in_channels}, ...)")
         B = x.shape[0]
+        guided = self.guidance_scale != 1.0
         dtype, device = self._model_dtype_device()
-        tt, t_in = self._timesteps_for(t, B, device)
+        tt, t_in = self._timesteps_for(t, B, device, guided)
         # contiguous: kernels may take stride-dependent paths, so identical values in a
         # different memory layout could otherwise give different bits
-        x_in = x.to(device=device, dtype=dtype).contiguous()
-
-        def dev(v: torch.Tensor | None, name: str, float_cast: bool) -> torch.Tensor | None:
-            if v is None:
-                return None
-            v = self._broadcast(v, B, name)
-            return v.to(device=device, dtype=dtype) if float_cast else v.to(device)
-
-        labels = dev(self.class_labels, "class_labels", False)
-        states = dev(self.encoder_hidden_states, "encoder_hidden_states", True)
-        alpha = sigma = None
-        if self.prediction_type != "epsilon":
-            shape = (B,) + (1,) * (x.ndim - 1)
-            alpha = self._alpha[tt].to(device=x.device, dtype=x.dtype).reshape(shape)
-            sigma = self._sigma[tt].to(device=x.device, dtype=x.dtype).reshape(shape)
+        x_in = x if x.dtype == dtype and x.device == device else x.to(device=device, dtype=dtype)
+        if not x_in.is_contiguous():
+            x_in = x_in.contiguous()
+        labels, states = self._conditioning(B, dtype, device, guided)
         # Gradients only when asked: reversible or autograd sampling through the model.
-        with torch.no_grad() if not self.differentiable else contextlib.nullcontext():
-            if not self.guided:
-                out = self._forward(x_in, t_in, labels, states).to(device=x.device, dtype=x.dtype)
-                eps = to_epsilon(out, x, alpha, sigma, self.prediction_type)
-            else:
-                null = dev(self.null_class_labels, "null_class_labels", False) if labels is not None else None
-                unc = dev(self.uncond_encoder_hidden_states, "uncond_encoder_hidden_states", True) \
-                    if states is not None else None
-                out = self._forward(
-                    torch.cat([x_in, x_in]), torch.cat([t_in, t_in]),
-                    torch.cat([null, labels]) if labels is not None else None,
-                    torch.cat([unc, states]) if states is not None else None,
-                ).to(device=x.device, dtype=x.dtype)
-                e_u = to_epsilon(out[:B], x, alpha, sigma, self.prediction_type)
-                e_c = to_epsilon(out[B:], x, alpha, sigma, self.prediction_type)
-                eps = e_u + self.guidance_scale * (e_c - e_u)
+        # (belm's samplers already run without grad; entering no_grad again costs µs per call.)
+        if torch.is_grad_enabled() and not self.differentiable:
+            with torch.no_grad():
+                eps = self._epsilon(x, x_in, tt, t_in, labels, states, guided)
+        else:
+            eps = self._epsilon(x, x_in, tt, t_in, labels, states, guided)
         if self.check_finite and not torch.isfinite(eps.sum()) and not torch.isfinite(eps).all():
             ts = int(tt[0]) if bool((tt == tt[0]).all()) else None
             where = f"train timestep t={tt.tolist() if ts is None else ts}"

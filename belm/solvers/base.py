@@ -384,7 +384,8 @@ class Sampler:
         N = self.schedule.num_steps
         for _ in self._bar(range(chain.hi, N), "sample"):
             chain.advance()
-            self._report(callback, chain, "sample")
+            if callback is not None:
+                self._report(callback, chain, "sample")
         out = chain.x(N)
         self._check_result(out, "sampling")
         return out
@@ -393,15 +394,15 @@ class Sampler:
         """Retreat ``chain`` to ``to_level`` (the one inversion loop); returns the chain."""
         for _ in self._bar(range(to_level, chain.lo), "invert"):
             chain.retreat()
-            self._report(callback, chain, "invert")
+            if callback is not None:
+                self._report(callback, chain, "invert")
         self._check_result(chain.x(chain.lo), "inversion")
         return chain
 
-    def _report(self, callback: Optional[Callback], chain: Chain, direction: str) -> None:
-        if callback is not None:
-            event = chain.event(direction)
-            event["timestep"] = self.schedule.timestep(event["level"])
-            callback(event)
+    def _report(self, callback: Callback, chain: Chain, direction: str) -> None:
+        event = chain.event(direction)
+        event["timestep"] = self.schedule.timestep(event["level"])
+        callback(event)
 
     @staticmethod
     def _grad_context(grad: Optional[str]) -> contextlib.AbstractContextManager:
@@ -425,7 +426,7 @@ class Sampler:
             t = times.get(key)
             if t is None:
                 t = times[key] = schedule.model_time(level).to(x.device)
-            x_model = x.to(model_dtype or x.dtype)
+            x_model = x if model_dtype is None or model_dtype == x.dtype else x.to(model_dtype)
             out = eps_fn(x_model, t)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"eps_fn must return a torch.Tensor; got {type(out).__name__}")
@@ -438,7 +439,8 @@ class Sampler:
                 out = out.clone()          # the chain may overwrite x's buffer while it still needs out
             # One reduction first: a sum is finite if every term is, and any NaN/Inf term makes
             # it non-finite; only then (or on overflow of a huge finite sum) the exact check.
-            if self.check_finite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+            # math.isfinite on the Python float saves a tensor op per step.
+            if self.check_finite and not math.isfinite(out.sum().item()) and not torch.isfinite(out).all():
                 self._raise_non_finite(x, level)
             return out
 
@@ -472,6 +474,7 @@ class Sampler:
             level=level, timestep=timestep)
 
     def _bar(self, iterable: Iterable[int], desc: str) -> Iterator[int]:
+        if not self.progress:
+            return iter(iterable)   # a disabled tqdm still wraps every step in its generator
         items = list(iterable)
-        return iter(tqdm(items, desc=f"{self.name} {desc}", total=len(items), disable=not self.progress,
-                         leave=False))
+        return iter(tqdm(items, desc=f"{self.name} {desc}", total=len(items), leave=False))
