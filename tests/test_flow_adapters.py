@@ -358,7 +358,7 @@ def test_stock_flux_pipeline_with_flow_belm_scheduler(tiny_flux_folder) -> None:
 def test_flow_pipeline_inversion_reconstructs_exactly(tiny_sd3_folder) -> None:
     """FlowBELMInverseScheduler in a pipeline-style inversion loop (the transformer called as
     StableDiffusion3Pipeline calls it), then a stock pipeline run seeded with the latent."""
-    from belm.adapters import FlowBELMInverseScheduler, FlowBELMScheduler
+    from belm.adapters import FlowBELMInverseScheduler
 
     sd3, N, w = _sd3(tiny_sd3_folder), 10, 4.0
     pipe = sd3.pipeline
@@ -378,26 +378,34 @@ def test_flow_pipeline_inversion_reconstructs_exactly(tiny_sd3_folder) -> None:
                                        return_dict=False)[0].chunk(2)
         x = inv.step(v_u + w * (v_c - v_u), t, x).prev_sample
     latent = inv.latent
-    original = pipe.scheduler
-    scheduler = FlowBELMScheduler.from_config(original.config)
-    scheduler.start_from(latent)
-    pipe.scheduler = scheduler
-    try:
-        out = pipe(PROMPT, num_inference_steps=N, guidance_scale=w, latents=latent.x, height=16, width=16,
-                   output_type="latent", max_sequence_length=SEQ).images
-    finally:
-        pipe.scheduler = original
+    out = _stock_pipeline_from(pipe, latent, N, w)
     assert float((out - z0).abs().max()) <= 1e-6
     # the same latent through belm's own sampler and the velocity function
     rec = OBELM(sd3.velocity(PROMPT, guidance_scale=w), sd3.schedule(N), progress=False).sample(latent)
     assert float((rec - z0).abs().max()) <= 1e-6
 
 
+def _stock_pipeline_from(pipe, latent, num_steps: int, guidance_scale: float) -> torch.Tensor:
+    """The stock pipeline's output latents, run with a FlowBELMScheduler seeded with ``latent``
+    (the pipeline's own scheduler is put back afterwards)."""
+    from belm.adapters import FlowBELMScheduler
+
+    original = pipe.scheduler
+    scheduler = FlowBELMScheduler.from_config(original.config)
+    scheduler.start_from(latent)
+    pipe.scheduler = scheduler
+    try:
+        return pipe(PROMPT, num_inference_steps=num_steps, guidance_scale=guidance_scale, latents=latent.x,
+                    height=16, width=16, output_type="latent", max_sequence_length=SEQ).images
+    finally:
+        pipe.scheduler = original
+
+
 def test_flux_pipeline_inversion_reconstructs_exactly(tiny_flux_folder) -> None:
     """FLUX: FlowBELMInverseScheduler on FluxPipeline's grid (sigmas=, mu=) with the transformer
     called as the pipeline calls it (packed latents, ids, guidance embedding), then a stock
     FluxPipeline run seeded with the latent."""
-    from belm.adapters import FlowBELMInverseScheduler, FlowBELMScheduler
+    from belm.adapters import FlowBELMInverseScheduler
 
     flux, N, g = _flux(tiny_flux_folder), 8, 3.5
     pipe = flux.pipeline
@@ -415,16 +423,7 @@ def test_flux_pipeline_inversion_reconstructs_exactly(tiny_flux_folder) -> None:
                                  pooled_projections=pooled, encoder_hidden_states=pe, txt_ids=text_ids,
                                  img_ids=img_ids, return_dict=False)[0]
         x = inv.step(v, t, x).prev_sample
-    latent = inv.latent
-    original = pipe.scheduler
-    scheduler = FlowBELMScheduler.from_config(original.config)
-    scheduler.start_from(latent)
-    pipe.scheduler = scheduler
-    try:
-        out = pipe(PROMPT, num_inference_steps=N, guidance_scale=g, latents=latent.x, height=16, width=16,
-                   output_type="latent", max_sequence_length=SEQ).images
-    finally:
-        pipe.scheduler = original
+    out = _stock_pipeline_from(pipe, inv.latent, N, g)
     assert float((out - z0).abs().max()) <= 1e-6
 
 
