@@ -109,7 +109,9 @@ def measure(net: dict, steps: int, repeats: int, variants: tuple[str, ...]) -> d
             return walk(self.model)
 
     uncached = OBELM(Uncached(unet, net["scheduler"], encoder_hidden_states=cond), schedule, progress=False)
+    unchecked = OBELM(eps, schedule, progress=False, check_finite=False)
     variants = {name: fn for name, fn in {"bare": bare, "floor": floor, "belm": lambda: sampler.sample(z),
+                                          "belm_unchecked": lambda: unchecked.sample(z),
                                           "belm_walk": lambda: uncached.sample(z)}.items() if name in variants}
     forward_s: dict[str, list[float]] = {name: [] for name in variants}
 
@@ -140,6 +142,7 @@ def markdown(results: list[dict]) -> str:
         "bare": "bare loop of N `unet(z, t, encoder_hidden_states=c)`",
         "floor": "floor: cast + 3 float64 updates per step, no checks",
         "belm": "belm O-BELM `sample` (DiffusersEps)",
+        "belm_unchecked": "the same with `check_finite=False` (no NaN/Inf check per ε)",
         "belm_walk": "the same, module tree walked per call (before the cache)",
     }
     first = results[0]
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    results = [measure(tiny_sd(), args.steps, args.repeats, ("bare", "floor", "belm", "belm_walk"))]
+    results = [measure(tiny_sd(), args.steps, args.repeats, ("bare", "floor", "belm", "belm_unchecked", "belm_walk"))]
     if args.sd15:
         results.append(measure(sd15_sized(), 10, 4, ("bare", "belm")))
     text = markdown(results)

@@ -165,6 +165,11 @@ class DiffusersEps:
     dtype/device: ``x`` (any dtype, e.g. float64) is cast to the model's dtype and
     device for the forward; the conversion to ε is done in ``x``'s dtype with the
     original ``x``, and ε is returned in ``x``'s dtype and on ``x``'s device.
+
+    Per-call work is cached (the network's dtype/device, the timestep tensors, the
+    conditioning as the network takes it). The conditioning attributes and
+    ``guidance_scale`` may be reassigned, and the tensors edited in place, between calls:
+    both are seen by the next call.
     """
 
     def __init__(self, model: torch.nn.Module, scheduler: Any, *,
