@@ -89,3 +89,29 @@ def test_grids_upscale_small_images_only(tmp_path):
     assert Image.open(tmp_path / "g" / "small.png").size == (4 * (2 * 17 + 1), 4 * 18)
     assert Image.open(tmp_path / "g" / "large.png").size == (2 * 97 + 1, 130)
     assert Image.open(tmp_path / "g" / "latent_model.png").size == (2 * 17 + 1, 18)
+
+
+def test_demo_notes_growth_warnings_in_its_report_and_passes_others_on():
+    """The demo's reconstruction table records a GrowthWarning beside its row (first sentence:
+    the growth) instead of printing it; any other warning still reaches the caller."""
+    import warnings
+
+    from belm import OBELM, Schedule
+    from belm.apps.demo import growth_noted
+    from belm.errors import GrowthWarning
+    from belm.schedule import make_betas
+
+    betas = make_betas("scaled_linear", 1000, 0.00085, 0.012)
+    leading = OBELM(lambda x, t: torch.zeros_like(x), Schedule.from_betas(betas, 10, "leading", steps_offset=1),
+                    progress=False)
+    notes: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GrowthWarning)      # would fail the test if it escaped
+        with growth_noted(notes, "obelm N=10"):
+            leading.invert(torch.zeros(1, 1, 4, 4))
+    assert list(notes) == ["obelm N=10"]
+    assert "multiplies the parasitic mode by" in notes["obelm N=10"] and "spacing=" not in notes["obelm N=10"]
+    with pytest.warns(UserWarning, match="unrelated"):
+        with growth_noted(notes, "other"):
+            warnings.warn("unrelated", UserWarning)
+    assert "other" not in notes

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import time
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +55,20 @@ def _order(Ns, errs) -> float:
     return float(-np.polyfit(np.log(Ns), np.log(errs), 1)[0])
 
 
+@contextlib.contextmanager
+def growth_noted(notes: dict[str, str], key: str) -> Iterator[None]:
+    """Record a :class:`~belm.errors.GrowthWarning` raised inside as ``notes[key]`` (its first
+    sentence: the growth) instead of printing it; other warnings pass through unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GrowthWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, GrowthWarning):
+            notes[key] = str(w.message).split(": ")[0]
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True, settings: dict | None = None,
              model: str = "digits") -> dict:
     """Run the tour and write ``out_dir/report.md`` with its pictures. Returns the figures.
@@ -82,15 +97,9 @@ def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True, settin
             for N in rec_steps:
                 # The table is about exactness, which growth does not affect: its warnings go
                 # into the report, beside the row they concern, instead of the terminal.
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", GrowthWarning)
+                with growth_noted(growth_notes, f"{name} N={N}"):
                     r = tasks.reconstruct(model, rec_images, sampler=name, steps=N, condition=rec_labels.tolist(),
                                           progress=progress)
-                for w in caught:
-                    if issubclass(w.category, GrowthWarning):
-                        growth_notes[f"{name} N={N}"] = str(w.message).split(": ")[0]
-                    else:
-                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 row.append(max(r["latent"]["max_abs_error"]))
                 if N == rec_steps[-1]:
                     rec_grid.append(r["reconstruction"])
