@@ -15,10 +15,33 @@ import torch
 
 from belm.adapters.eps import _model_dtype_device
 
-__all__ = ["load_pipeline_folder", "cast_pipeline", "check_pipeline"]
+__all__ = ["load_pipeline_folder", "check_pipeline_folder", "cast_pipeline", "check_pipeline"]
 
 _CONFIG_FILES = {"scheduler": "scheduler_config.json"}
 _NOT_MODELS = ("tokenizer", "scheduler", "feature_extractor")
+
+
+def check_pipeline_folder(folder: Path, components: tuple[str, ...], label: str) -> None:
+    """Raise FileNotFoundError naming the first missing part of ``folder``'s components:
+    a subfolder, a network's config.json or .safetensors weights, the scheduler's config.
+    ``label`` names the model family in the message, e.g. "Stable Diffusion 3"."""
+    for name in components:
+        sub = folder / name
+        if not sub.is_dir():
+            raise FileNotFoundError(f"{label} folder {str(folder)!r} has no {name!r} component (missing "
+                                    f"subfolder {str(sub)!r})")
+        if name.startswith(_NOT_MODELS):
+            needed = _CONFIG_FILES.get(name)
+            if needed is not None and not (sub / needed).is_file():
+                raise FileNotFoundError(f"{label} component {name!r} is incomplete: {str(sub / needed)!r} is missing")
+            continue
+        if not (sub / "config.json").is_file():
+            raise FileNotFoundError(f"{label} component {name!r} is incomplete: {str(sub / 'config.json')!r} "
+                                    "is missing")
+        if not any(sub.glob("*.safetensors")):
+            raise FileNotFoundError(f"{label} component {name!r} has no .safetensors weights in {str(sub)!r} "
+                                    "(belm never loads pickled weights; re-save the pipeline with "
+                                    "save_pretrained(..., safe_serialization=True))")
 
 
 def load_pipeline_folder(folder: Path, pipeline_class: str, components: tuple[str, ...], label: str,
@@ -43,23 +66,7 @@ def load_pipeline_folder(folder: Path, pipeline_class: str, components: tuple[st
                                 f"{pipeline_class}.save_pretrained; hub ids are not supported)")
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a diffusers pipeline folder: model_index.json is missing")
-    for name in components:
-        sub = folder / name
-        if not sub.is_dir():
-            raise FileNotFoundError(f"{label} folder {str(folder)!r} has no {name!r} component (missing "
-                                    f"subfolder {str(sub)!r})")
-        if name.startswith(_NOT_MODELS):
-            needed = _CONFIG_FILES.get(name)
-            if needed is not None and not (sub / needed).is_file():
-                raise FileNotFoundError(f"{label} component {name!r} is incomplete: {str(sub / needed)!r} is missing")
-            continue
-        if not (sub / "config.json").is_file():
-            raise FileNotFoundError(f"{label} component {name!r} is incomplete: {str(sub / 'config.json')!r} "
-                                    "is missing")
-        if not any(sub.glob("*.safetensors")):
-            raise FileNotFoundError(f"{label} component {name!r} has no .safetensors weights in {str(sub)!r} "
-                                    "(belm never loads pickled weights; re-save the pipeline with "
-                                    "save_pretrained(..., safe_serialization=True))")
+    check_pipeline_folder(folder, components, label)
     import diffusers
 
     cls = getattr(diffusers, pipeline_class)

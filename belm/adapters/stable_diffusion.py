@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from belm.adapters.eps import PREDICTION_TYPES, DiffusersEps, _config_get, _model_dtype_device
+from belm.adapters.folders import check_pipeline_folder
 from belm.adapters.images import ImageInput, to_pil, to_tensor
 
 __all__ = ["StableDiffusion", "COMPONENTS", "SUPPORTED_SCHEDULERS", "check_scheduler_config", "check_model_folder",
@@ -142,9 +143,6 @@ def check_model_folder(folder: str | os.PathLike) -> str:
 
 #: The pipeline components the adapter needs.
 COMPONENTS: tuple[str, ...] = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
-_MODEL_COMPONENTS = ("vae", "unet", "text_encoder")
-_COMPONENT_FILES = {"vae": "config.json", "unet": "config.json", "text_encoder": "config.json",
-                    "scheduler": "scheduler_config.json"}
 
 
 class StableDiffusion:
@@ -243,19 +241,7 @@ class StableDiffusion:
                              "load it with belm.adapters.from_folder(folder)")
         if kind != "sd":
             raise FileNotFoundError(f"{str(folder)!r} has no 'vae' component; it is not a Stable Diffusion folder")
-        for name in COMPONENTS:
-            sub = folder / name
-            if not sub.is_dir():
-                raise FileNotFoundError(f"Stable Diffusion folder {str(folder)!r} has no {name!r} component "
-                                        f"(missing subfolder {str(sub)!r})")
-            needed = _COMPONENT_FILES.get(name)
-            if needed is not None and not (sub / needed).is_file():
-                raise FileNotFoundError(f"Stable Diffusion component {name!r} is incomplete: {str(sub / needed)!r} "
-                                        "is missing")
-            if name in _MODEL_COMPONENTS and not any(sub.glob("*.safetensors")):
-                raise FileNotFoundError(f"Stable Diffusion component {name!r} has no .safetensors weights in "
-                                        f"{str(sub)!r} (belm never loads pickled weights; re-save the pipeline "
-                                        "with save_pretrained(..., safe_serialization=True))")
+        check_pipeline_folder(folder, COMPONENTS, "Stable Diffusion")
         from diffusers import StableDiffusionPipeline
 
         # `dtype` is the current name of diffusers' `torch_dtype` (older versions ignore it;
