@@ -65,7 +65,7 @@ def sd15_sized() -> dict:
             "cond": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), "latent": (1, 4, 16, 16)}
 
 
-def measure(net: dict, steps: int, repeats: int, variants: tuple[str, ...]) -> dict:
+def measure(net: dict, steps: int, repeats: int, names: tuple[str, ...]) -> dict:
     """Per-step time of each variant on ``net`` (see the module docstring), interleaved."""
     from belm import OBELM, Schedule
     from belm.adapters import eps as eps_module
@@ -112,7 +112,7 @@ def measure(net: dict, steps: int, repeats: int, variants: tuple[str, ...]) -> d
     unchecked = OBELM(eps, schedule, progress=False, check_finite=False)
     variants = {name: fn for name, fn in {"bare": bare, "floor": floor, "belm": lambda: sampler.sample(z),
                                           "belm_unchecked": lambda: unchecked.sample(z),
-                                          "belm_walk": lambda: uncached.sample(z)}.items() if name in variants}
+                                          "belm_walk": lambda: uncached.sample(z)}.items() if name in names}
     forward_s: dict[str, list[float]] = {name: [] for name in variants}
 
     def recording(name):
