@@ -372,6 +372,26 @@ def test_a_second_run_on_the_folder_is_refused(tmp_path, capsys, old_run):
     assert (old_run / "c.txt").read_text() == "new c" and not (old_run / io.LOCK).exists()
 
 
+def test_a_file_system_without_locks_still_works_and_says_so(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(io.fcntl, "flock", no_locks)
+    write_run(tmp_path / "o", {"a.txt": "1"})
+    assert (tmp_path / "o" / "a.txt").read_text() == "1" and not (tmp_path / "o" / io.LOCK).exists()
+    err = capsys.readouterr().err.strip()
+    assert "cannot lock files" in err and len(err.splitlines()) == 1
+
+
+def test_a_cli_run_leaves_no_lock_behind(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    assert main(["sample", "--num", "1", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "grid.png", "sample_000000.png", "samples.safetensors",
+                                                     "summary.json"]
+
+
 def test_demo_writes_in_one_commit_at_the_end(tmp_path, monkeypatch):
     """belm demo keeps no staging folder in or beside --out while it computes."""
     import belm.apps.demo as demo
@@ -415,7 +435,7 @@ def test_a_symlink_under_a_belm_name_is_refused_and_its_target_untouched(tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     os.symlink(target, out / "summary.json")
-    code = main(["fd", "--num", "2", "--steps", "2", "--out", str(out), "--no-progress"])
+    code = main(["sample", "--num", "1", "--steps", "2", "--out", str(out), "--no-progress"])
     assert code == 2 and "summary.json" in capsys.readouterr().err
     assert target.read_text() == "outside" and os.path.islink(out / "summary.json")
 

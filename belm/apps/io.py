@@ -65,6 +65,7 @@ _RESERVED_PREFIX = ".belm"          # belm's own bookkeeping names: never output
 _MAX_JSON_BYTES = 256 << 20         # a record of a million names is ~20 MB; larger is not belm's
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NO_LOCKS = {getattr(errno, n) for n in ("ENOLCK", "ENOTSUP", "EOPNOTSUPP", "ENOSYS") if hasattr(errno, n)}
 
 
 class OutputFolderError(ValueError):
@@ -369,6 +370,12 @@ class _FolderLock:
                                         "--out")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in _NO_LOCKS:
+                # Some network and FUSE file systems have no locks: refusing would make them
+                # unusable, so the run goes on, unserialized, and says so.
+                _note(f"--out {path}: its file system cannot lock files ({exc.strerror}); make sure no other belm "
+                      "run writes to it at the same time")
+                return fd
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise OutputFolderError(f"--out {path} is in use by another belm run; wait for it to finish or "
