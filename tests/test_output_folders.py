@@ -455,6 +455,11 @@ def test_output_dir_refuses_to_overwrite_an_unrecorded_file(tmp_path, old_run):
             (old_run / "late.png").write_text("the user's, made during the run")
     assert (old_run / "late.png").read_text() == "the user's, made during the run"
     assert {k: v for k, v in snapshot(old_run).items() if k != "late.png"} == old
+    os.unlink(old_run / "grid.png")                             # recorded, now a folder of the user's
+    (old_run / "grid.png").mkdir()
+    with pytest.raises(OutputFolderError, match="grid.png, which belm did not write"):
+        write_run(old_run, NEW)
+    assert (old_run / "grid.png").is_dir() and not (old_run / io.JOURNAL).exists()
 
 
 # -- D. --save-latent ------------------------------------------------------------------------------

@@ -432,7 +432,10 @@ def recover_output_folder(path: str | os.PathLike) -> None:
 
 def _refuse_foreign(dir_fd: int, path: Path, names: Iterable[str], recorded: Optional[set[str]]) -> None:
     for name in names:
-        if _lstat(dir_fd, name) is not None and name not in (recorded or ()):
+        st = _lstat(dir_fd, name)
+        # belm writes no folders: one under a recorded name is the user's too (and a rename
+        # onto it would fail after the commit point)
+        if st is not None and (name not in (recorded or ()) or stat.S_ISDIR(st.st_mode)):
             raise OutputFolderError(f"--out {path} already holds {name}, which belm did not write (it is not in "
                                     f"{MANIFEST}); move it away or choose another --out")
 
