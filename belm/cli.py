@@ -246,13 +246,11 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise CLIError(f"--latent {latent}: no such file; pass a file written by --save-latent")
     target = getattr(args, "save_latent", None)
     if target is not None:
-        parent = os.path.dirname(os.path.abspath(target))
-        if os.path.isdir(target):
-            raise CLIError(f"--save-latent {target} is a folder; pass a file name such as latent.safetensors")
-        if not os.path.isdir(parent):
-            raise CLIError(f"--save-latent {target}: folder {parent} does not exist; create it first")
-        if not os.access(parent, os.W_OK):
-            raise CLIError(f"--save-latent {target}: folder {parent} is not writable; choose another path")
+        from belm.apps.io import check_latent_path
+        try:   # not an input, not a file belm did not write, in a writable folder
+            check_latent_path(target, getattr(args, "image", None) or [])
+        except (ValueError, OSError) as err:
+            raise CLIError(str(err)) from None
 
 
 def _check_optimize(args: argparse.Namespace) -> None:
@@ -348,13 +346,37 @@ def _check(args: argparse.Namespace) -> None:
     _check_out(args)
 
 
+#: The files each command always writes into --out (numbered pictures aside): a file of the
+#: user's under one of these names is refused before any work, never overwritten.
+OUTPUT_FILES = {"sample": ("grid.png", "samples.safetensors", "summary.json"),
+                "reconstruct": ("reconstruction.png", "summary.json"), "edit": ("edit.png", "summary.json"),
+                "interpolate": ("interpolation.png", "summary.json"), "fd": ("samples.png", "summary.json"),
+                "optimize": ("optimize.png", "summary.json")}
+
+
 def _check_out(args: argparse.Namespace) -> None:
-    from belm.apps.io import check_writable
+    """--out: writable (or creatable), not in use by another run, no file of the user's under
+    this command's output names; locked for this run until it ends (``args.out_lock``).
+    Under torchrun only rank 0 writes, so only rank 0 locks."""
+    from belm.apps.io import check_writable, reserve_output_folder
     args.out = args.out or os.path.join("outputs", args.command)
+    if args.command == "demo":
+        from belm.apps.demo import OUTPUT_FILES as names
+    else:
+        names = OUTPUT_FILES.get(args.command, ())
     try:
-        check_writable(args.out)
+        if os.environ.get("RANK", "0").strip() in ("", "0"):
+            args.out_lock = reserve_output_folder(args.out, names)
+        else:
+            check_writable(args.out)
     except (ValueError, PermissionError) as err:
         raise CLIError(str(err)) from None
+    latent = getattr(args, "save_latent", None)
+    if latent is not None and os.path.isdir(args.out) \
+            and os.path.samefile(os.path.dirname(os.path.abspath(latent)), args.out) \
+            and (os.path.basename(latent) in names or os.path.basename(latent).startswith(".belm")):
+        raise CLIError(f"--save-latent {latent} is a file this command writes into --out {args.out}; choose "
+                       "another file name for the latent")
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -525,6 +547,9 @@ def _save_latent(args: argparse.Namespace, model, latent, target: Any, guidance:
     print how to sample it back. Returns the summary's record of it (None without the option)."""
     if args.save_latent is None:
         return None
+    from belm.apps.io import check_latent_path
+    if check_latent_path(args.save_latent, getattr(args, "image", None) or []):   # again: the run took time
+        print(f"belm: note: --save-latent {args.save_latent}: replacing the belm latent file there", file=sys.stderr)
     latent.save(args.save_latent)
     if isinstance(target, (list, tuple)):
         target = ",".join(str(t) for t in target)

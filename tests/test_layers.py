@@ -9,7 +9,7 @@ layer does the job, e.g. :class:`belm.lte.RuleLike`).
 
 Layers, bottom to top; a module may import only from its own layer or lower::
 
-    0 errors      belm/errors.py
+    0 errors      belm/errors.py, belm/_files.py (standard-library file helpers)
     1 schedule    belm/schedule.py, belm/analytic.py (the analytic Gaussian-mixture test
                   problem: numpy/scipy/torch only; kept above errors so errors stays alone
                   at the bottom)
@@ -47,6 +47,7 @@ LAYERS = ["errors", "schedule", "lte", "solvers", "adapters", "apps", "cli", "pa
 PLACEMENT = {                        # module-name prefix -> layer (longest prefix wins)
     "belm.errors": "errors",
     "belm._version": "errors",
+    "belm._files": "errors",
     "belm.schedule": "schedule",
     "belm.analytic": "schedule",
     "belm.lte": "lte",

@@ -17,9 +17,13 @@ from belm.apps.io import OutputDir, save_grid
 from belm.apps.models import load_model
 from belm.errors import GrowthWarning
 
-__all__ = ["run_demo", "convergence_table"]
+__all__ = ["run_demo", "convergence_table", "OUTPUT_FILES"]
 
 SAMPLERS = ["ddim", "bdia", "edict", "obelm"]
+#: Every file the demo writes into its output folder (checked before the run: one of the
+#: user's under these names is refused, not overwritten).
+OUTPUT_FILES = ("reconstruction.png", "edit.png", "interpolation.png", *(f"samples_{n}.png" for n in SAMPLERS),
+                "convergence.png", "report.md", "summary.json")
 
 
 def _fmt(v: float) -> str:
@@ -88,98 +92,98 @@ def run_demo(out_dir: str, *, quick: bool = False, progress: bool = True, settin
     n_fd = 60 if quick else 150
     fd_guidance = 1.0     # class-conditional without guidance: keeps the demo within its 5-minute budget
     figures: dict[str, Any] = {}
-    with OutputDir(out_dir) as out:
-        # 1. reconstruction
-        rec_rows, rec_grid = [], [rec_images]
-        growth_notes: dict[str, str] = {}
-        for name in SAMPLERS:
-            row = [name]
-            for N in rec_steps:
-                # The table is about exactness, which growth does not affect: its warnings go
-                # into the report, beside the row they concern, instead of the terminal.
-                with growth_noted(growth_notes, f"{name} N={N}"):
-                    r = tasks.reconstruct(model, rec_images, sampler=name, steps=N, condition=rec_labels.tolist(),
-                                          progress=progress)
-                row.append(max(r["latent"]["max_abs_error"]))
-                if N == rec_steps[-1]:
-                    rec_grid.append(r["reconstruction"])
-            rec_rows.append(row)
-        figures["reconstruction"] = {r[0]: dict(zip(rec_steps, r[1:])) for r in rec_rows}
-        figures["growth_warnings"] = growth_notes
-        save_grid(out, rec_grid, "reconstruction.png")
+    # Pictures are kept in memory and written in one short commit at the end: no staging
+    # folder sits in the output folder during the run.
+    grids: list[tuple[list[torch.Tensor], str]] = []
+    # 1. reconstruction
+    rec_rows, rec_grid = [], [rec_images]
+    growth_notes: dict[str, str] = {}
+    for name in SAMPLERS:
+        row = [name]
+        for N in rec_steps:
+            # The table is about exactness, which growth does not affect: its warnings go
+            # into the report, beside the row they concern, instead of the terminal.
+            with growth_noted(growth_notes, f"{name} N={N}"):
+                r = tasks.reconstruct(model, rec_images, sampler=name, steps=N, condition=rec_labels.tolist(),
+                                      progress=progress)
+            row.append(max(r["latent"]["max_abs_error"]))
+            if N == rec_steps[-1]:
+                rec_grid.append(r["reconstruction"])
+        rec_rows.append(row)
+    figures["reconstruction"] = {r[0]: dict(zip(rec_steps, r[1:])) for r in rec_rows}
+    figures["growth_warnings"] = growth_notes
+    grids.append((rec_grid, "reconstruction.png"))
 
-        # 2. editing: each class to the next, 4 held-out digits per class
-        per_class = 2 if quick else 4
-        src_imgs, src, tgt = [], [], []
-        for c in range(10):
-            idx = torch.nonzero(labels == c).flatten()[:per_class]
-            src_imgs.append(heldout[idx])
-            src += [c] * len(idx)
-            tgt += [(c + 1) % 10] * len(idx)
-        src_imgs = torch.cat(src_imgs)
-        edit = tasks.edit(model, src_imgs, src, tgt, sampler="obelm", steps=50, freeze=0, guidance=3.0,
-                          progress=progress)
-        edited = edit["images"]
-        predicted = tasks.classify(model, edited)
-        success = float((predicted == torch.tensor(tgt)).float().mean())
-        figures["edit_success_rate"] = success
-        figures["edit_change_l2"], figures["edit_change_psnr"] = edit["change_l2"], edit["change_psnr"]
-        save_grid(out, [src_imgs, edited], "edit.png")
+    # 2. editing: each class to the next, 4 held-out digits per class
+    per_class = 2 if quick else 4
+    src_imgs, src, tgt = [], [], []
+    for c in range(10):
+        idx = torch.nonzero(labels == c).flatten()[:per_class]
+        src_imgs.append(heldout[idx])
+        src += [c] * len(idx)
+        tgt += [(c + 1) % 10] * len(idx)
+    src_imgs = torch.cat(src_imgs)
+    edit = tasks.edit(model, src_imgs, src, tgt, sampler="obelm", steps=50, freeze=0, guidance=3.0,
+                      progress=progress)
+    edited = edit["images"]
+    predicted = tasks.classify(model, edited)
+    success = float((predicted == torch.tensor(tgt)).float().mean())
+    figures["edit_success_rate"] = success
+    figures["edit_change_l2"], figures["edit_change_psnr"] = edit["change_l2"], edit["change_psnr"]
+    grids.append(([src_imgs, edited], "edit.png"))
 
-        # 3. interpolation between two inverted real digits
-        a, b = heldout[pick[:1]], heldout[pick[1:2]]
-        # Frames one at a time: the end frames then see the batch composition of their inversion.
-        inter = tasks.interpolate(model, a, b, num=8, sampler="obelm", steps=50, condition=None, progress=progress,
-                                  batch_size=1)
-        strip = inter["frames"][:, 0]
-        figures["interpolation_endpoint_error"] = inter["endpoint_max_abs_error"]
-        for key in ("latent_std", "latent_max_abs", "middle_confidence", "middle_fd"):
-            figures[f"interpolation_{key}"] = inter.get(key)
-        save_grid(out, [strip], "interpolation.png")
+    # 3. interpolation between two inverted real digits
+    a, b = heldout[pick[:1]], heldout[pick[1:2]]
+    # Frames one at a time: the end frames then see the batch composition of their inversion.
+    inter = tasks.interpolate(model, a, b, num=8, sampler="obelm", steps=50, condition=None, progress=progress,
+                              batch_size=1)
+    strip = inter["frames"][:, 0]
+    figures["interpolation_endpoint_error"] = inter["endpoint_max_abs_error"]
+    for key in ("latent_std", "latent_max_abs", "middle_confidence", "middle_fd"):
+        figures[f"interpolation_{key}"] = inter.get(key)
+    grids.append(([strip], "interpolation.png"))
 
-        # 4. sampling and FD-digits at equal network calls
-        seeds = list(range(n_fd))
-        classes = [s % 10 for s in seeds]
-        fd_rows = []
-        for name in SAMPLERS:
-            row = [name]
-            for N in fd_steps:
-                imgs = tasks.generate(model, seeds, sampler=name, steps=N, condition=classes,
-                                      guidance=fd_guidance, batch_size=n_fd, progress=progress)
-                row.append(tasks.fd_to_reference(model, imgs, heldout))
-                if N == fd_steps[-1]:
-                    save_grid(out, [imgs[i:i + 10] for i in range(0, 50, 10)], f"samples_{name}.png")
-            fd_rows.append(row)
-        figures["fd_digits"] = {r[0]: dict(zip(fd_steps, r[1:])) for r in fd_rows}
-        held_a, held_b = heldout[: len(heldout) // 2], heldout[len(heldout) // 2:]
-        figures["fd_heldout_halves"] = tasks.fd_to_reference(model, held_a, held_b)
+    # 4. sampling and FD-digits at equal network calls
+    seeds = list(range(n_fd))
+    classes = [s % 10 for s in seeds]
+    fd_rows = []
+    for name in SAMPLERS:
+        row = [name]
+        for N in fd_steps:
+            imgs = tasks.generate(model, seeds, sampler=name, steps=N, condition=classes,
+                                  guidance=fd_guidance, batch_size=n_fd, progress=progress)
+            row.append(tasks.fd_to_reference(model, imgs, heldout))
+            if N == fd_steps[-1]:
+                grids.append(([imgs[i:i + 10] for i in range(0, 50, 10)], f"samples_{name}.png"))
+        fd_rows.append(row)
+    figures["fd_digits"] = {r[0]: dict(zip(fd_steps, r[1:])) for r in fd_rows}
+    held_a, held_b = heldout[: len(heldout) // 2], heldout[len(heldout) // 2:]
+    figures["fd_heldout_halves"] = tasks.fd_to_reference(model, held_a, held_b)
 
-        # 5. convergence on the analytic problem
-        Ns = (10, 20, 40) if quick else (10, 20, 40, 80, 160)
-        conv = convergence_table(Ns)
-        figures["convergence"] = conv
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for name, errs in conv.items():
-            ax.loglog(Ns, errs, "o-", label=f"{name} (order {_order(Ns, errs):.2f})")
-        ax.set_xlabel("steps N")
-        ax.set_ylabel("RMS error vs exact ODE")
-        ax.set_title("Gaussian mixture, SD schedule")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out.file("convergence.png"), dpi=120)
-        plt.close(fig)
+    # 5. convergence on the analytic problem
+    Ns = (10, 20, 40) if quick else (10, 20, 40, 80, 160)
+    conv = convergence_table(Ns)
+    figures["convergence"] = conv
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, errs in conv.items():
+        ax.loglog(Ns, errs, "o-", label=f"{name} (order {_order(Ns, errs):.2f})")
+    ax.set_xlabel("steps N")
+    ax.set_ylabel("RMS error vs exact ODE")
+    ax.set_title("Gaussian mixture, SD schedule")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
 
-        elapsed = time.perf_counter() - t_start
-        figures["seconds"] = elapsed
-        growth_text = "" if not growth_notes else (
-            "\nExact, but not noise-like (`GrowthWarning`): "
-            + "; ".join(f"{k}: {v}" for k, v in growth_notes.items())
-            + ". Such latents reconstruct exactly but edit and interpolate poorly (README, \"Grids for "
-            "both directions\").\n")
-        report = f"""# belm demo report
+    elapsed = time.perf_counter() - t_start
+    figures["seconds"] = elapsed
+    growth_text = "" if not growth_notes else (
+        "\nExact, but not noise-like (`GrowthWarning`): "
+        + "; ".join(f"{k}: {v}" for k, v in growth_notes.items())
+        + ". Such latents reconstruct exactly but edit and interpolate poorly (README, \"Grids for "
+        "both directions\").\n")
+    report = f"""# belm demo report
 
 Bundled model `{model.name}` (class-conditional UNet, 16×16{", rectified flow" if model.flow else ""}), CPU, torch {torch.__version__},
 Python {platform.python_version()}; {elapsed:.0f} s in all. Regenerate with `{"make demo" if model.name == "digits" else "belm demo --model " + model.name}`.
@@ -227,8 +231,13 @@ For scale: FD-digits between the two halves of the held-out set is
 
 ![convergence](convergence.png)
 """
+    with OutputDir(out_dir) as out:
+        for rows, file_name in grids:
+            save_grid(out, rows, file_name)
+        fig.savefig(out.file("convergence.png"), dpi=120)
         out.write_text("report.md", report)
         out.write_json("summary.json", {**(settings or {}), **figures, "threads": torch.get_num_threads()})
+    plt.close(fig)
     print(f"belm demo: wrote {out_dir}/report.md ({elapsed:.0f} s)")
     print(_md_table(["sampler"] + [f"rec N={N}" for N in rec_steps], rec_rows))
     print(f"edit success rate: {success:.2f}")

@@ -12,7 +12,6 @@ import dataclasses
 import math
 import operator
 import os
-import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
+from belm._files import write_atomically
 from belm.errors import LatentMismatchError, NonFiniteError
 from belm.schedule import Schedule
 from belm.solvers.chain import Chain, Network
@@ -126,14 +126,8 @@ class Latent:
         metadata = {"format": _FORMAT, "kind": self.kind, "method": self.method, "schedule": self.schedule,
                     "level": str(self.level), "dtype": str(self.dtype).replace("torch.", ""),
                     "num_states": str(len(self.states)), **self._metadata()}
-        fd, tmp = tempfile.mkstemp(prefix=".belm-latent-", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # Mode 0o666 less the umask, as a plain open() gives (mkstemp and save_file give 0600).
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), prefix=".belm-latent-")
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "Latent":
