@@ -385,7 +385,8 @@ class BELMScheduler(_BELMSchedulerBase):
     ``beta_schedule``, ``trained_betas``, ``prediction_type`` ("epsilon", "v_prediction",
     "sample"), ``timestep_spacing`` ("leading", "linspace", "trailing"), ``steps_offset``)
     plus ``method`` ("obelm" (default), "bdia", "ddim") and ``gamma`` (BDIA's γ ∈ (0, 1]).
-    ``set_alpha_to_one``, ``clip_sample`` and ``thresholding`` are accepted and ignored.
+    ``set_alpha_to_one=False``, ``clip_sample`` and ``thresholding`` are accepted and ignored, with one
+    :class:`IgnoredConfigWarning` naming the key; ``rescale_betas_zero_snr`` is honoured (ā_{T−1} = 2⁻²⁴).
 
     Schedule: after ``set_timesteps(N)``, :attr:`schedule` is ``Schedule.from_diffusers(self, N)``
     (grid from ``timestep_spacing`` and ``steps_offset``, clean final level alpha = 1,
@@ -396,7 +397,9 @@ class BELMScheduler(_BELMSchedulerBase):
 
     State: the scheduler keeps the exact float64 state it returned last. When the pipeline hands
     that tensor back (the usual loop), the float64 state is used, so nothing is lost to the
-    pipeline's dtype; a modified sample (e.g. by a callback) is taken as the new state.
+    pipeline's dtype; a modified sample (e.g. by a callback, out of place or in place: the returned
+    tensor's version counter tells) is taken as the new state, and the chain restarts from it with
+    the start-up (DDIM) step, as does a run whose first timestep is not ``timesteps[0]``.
 
     Exact reconstruction: :meth:`start_from` seeds the next run with a belm
     :class:`~belm.solvers.base.Latent` (e.g. :attr:`BELMInverseScheduler.latent` or
