@@ -421,12 +421,14 @@ def test_ignored_keys_warn_once_by_name(cls, key, value, fresh_warnings) -> None
         cls()
     named = [w for w in caught if issubclass(w.category, IgnoredConfigWarning)]
     assert len(named) == 1 and f"{key}={value!r} is ignored" in str(named[0].message)
+    assert named[0].filename == __file__                # points at the caller, not at belm or diffusers
 
 
 def test_from_config_warns_about_grid_keys_of_compatible_schedulers(fresh_warnings) -> None:
     euler = EulerDiscreteScheduler(use_karras_sigmas=True)
-    with pytest.warns(IgnoredConfigWarning, match="use_karras_sigmas=True is ignored"):
+    with pytest.warns(IgnoredConfigWarning, match="use_karras_sigmas=True is ignored") as caught:
         BELMScheduler.from_config(euler.config)
+    assert caught[0].filename == __file__
 
 
 def test_set_alpha_to_one_false_is_named_and_the_last_step_differs_from_ddim(fresh_warnings) -> None:

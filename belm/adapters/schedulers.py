@@ -53,6 +53,7 @@ evaluated at the grid timestep ``t_{k+1}``. belm steps from level k to level k+1
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -109,6 +110,15 @@ _IGNORED_KEYS: dict[str, tuple[Any, str]] = {
 _WARNED: set[tuple[str, str]] = set()
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued by our caller at the user's code, past the
+    frames of belm's adapters and of diffusers' config machinery (from_config, register_to_config)."""
+    frame, level = sys._getframe(2), 2      # stacklevel 2: the caller of the function that warns
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("belm.adapters", "diffusers")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_ignored(cls_name: str, config: dict) -> None:
     """Warn once per (class, key) about each key of ``config`` that is set and ignored."""
     for key, (honoured, why) in _IGNORED_KEYS.items():
@@ -116,7 +126,7 @@ def _warn_ignored(cls_name: str, config: dict) -> None:
         if value is not None and value != honoured and (cls_name, key) not in _WARNED:
             _WARNED.add((cls_name, key))
             warnings.warn(f"{cls_name}: config {key}={value!r} is ignored ({key}={honoured!r} is used): {why}",
-                          IgnoredConfigWarning, stacklevel=4)
+                          IgnoredConfigWarning, stacklevel=_user_stacklevel())
 
 
 def _version(x: torch.Tensor) -> Optional[int]:
@@ -225,7 +235,7 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """diffusers' ``from_config``; keys of compatible schedulers' configs that belm cannot honour
         (which diffusers would drop silently) are warned about once, by name."""
-        given = {**dict(config or {}), **kwargs}
+        given = {**(dict(config) if isinstance(config, dict) else {}), **kwargs}
         _warn_ignored(cls.__name__, {key: value for key, value in given.items()
                                      if key not in cls._get_init_keys(cls)})
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
