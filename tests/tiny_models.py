@@ -12,6 +12,9 @@
   tokenizers over the local byte vocabulary, a T5 tokenizer built in memory from a
   character vocabulary); fixtures :func:`tiny_sd3_folder`, :func:`tiny_flux_folder`,
   :func:`tiny_sdxl_folder`.
+- :func:`tiny_kandinsky22_img2img`, :func:`tiny_animatediff_video2video`: in-memory
+  ``KandinskyV22Img2ImgPipeline`` / ``AnimateDiffVideoToVideoPipeline`` from the tiny
+  configs of diffusers' own pipeline tests (the latter with the byte-level CLIP tokenizer).
 
 Import from tests as ``from tiny_models import tiny_unet, tiny_sd_pipeline, tiny_sd_folder``
 (pytest puts ``tests/`` on sys.path). Weights are initialised under a fixed seed
@@ -29,7 +32,8 @@ import torch
 
 __all__ = ["sd_scheduler", "tiny_unet", "tiny_tokenizer_files", "tiny_sd_pipeline", "tiny_sd_folder",
            "tiny_sd_folder_v", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "tiny_sd3_pipeline",
-           "tiny_flux_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_folder", "tiny_flux_folder", "tiny_sdxl_folder"]
+           "tiny_flux_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_folder", "tiny_flux_folder", "tiny_sdxl_folder",
+           "tiny_kandinsky22_img2img", "tiny_animatediff_video2video"]
 
 SEED = 0
 
@@ -350,3 +354,76 @@ def tiny_flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sdxl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of the tiny SDXL pipeline, built once per test session."""
     return tiny_sdxl_pipeline(tmp_path_factory.getbasetemp())
+
+
+# -- pipelines that slice their timesteps (img2img, video-to-video) -------------------------
+
+def tiny_kandinsky22_img2img(*, seed: int = SEED):
+    """An in-memory ``KandinskyV22Img2ImgPipeline`` (the components of diffusers' own fast test).
+
+    - UNet2DConditionModel with image conditioning (addition_embed_type "image",
+      encoder_hid_dim_type "image_proj", image embeddings of 32), blocks (32, 64), 4 latent
+      channels in, 8 out (ε and a learned variance, which the pipeline drops).
+    - VQModel ("movq"): blocks (32, 64) -> factor 2, 4 latent channels, spatial norm.
+    - DDIMScheduler: linear betas 0.00085..0.012, set_alpha_to_one False, steps_offset 0.
+
+    Call it with ``image_embeds``/``negative_image_embeds`` of shape (1, 32) and a 16×16 image.
+    """
+    from diffusers import DDIMScheduler, KandinskyV22Img2ImgPipeline, UNet2DConditionModel, VQModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            in_channels=4, out_channels=8, addition_embed_type="image",
+            down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+            up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+            mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
+            encoder_hid_dim=32, encoder_hid_dim_type="image_proj", cross_attention_dim=32, attention_head_dim=4,
+            resnet_time_scale_shift="scale_shift", class_embed_type=None)
+        movq = VQModel(
+            block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+            in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+            num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+            vq_embed_dim=4)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=0, prediction_type="epsilon",
+                              thresholding=False)
+    pipe = KandinskyV22Img2ImgPipeline(unet=unet, scheduler=scheduler, movq=movq)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_animatediff_video2video(tmpdir: str | os.PathLike, *, seed: int = SEED):
+    """An in-memory ``AnimateDiffVideoToVideoPipeline`` (diffusers' fast-test configs).
+
+    UNet2DConditionModel and MotionAdapter with blocks (8, 8), cross_attention_dim 8,
+    AutoencoderKL (factor 2), a 2-layer CLIPTextModel (hidden 8) over the byte-level
+    tokenizer of :func:`tiny_clip_tokenizer`, DDIMScheduler (linear 0.00085..0.012).
+    """
+    from diffusers import AnimateDiffVideoToVideoPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, \
+        UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer(tmpdir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(8, 8), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=8, norm_num_groups=2)
+        vae = AutoencoderKL(
+            block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=8, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        motion_adapter = MotionAdapter(block_out_channels=(8, 8), motion_layers_per_block=2,
+                                       motion_norm_num_groups=2, motion_num_attention_heads=4)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
+    pipe = AnimateDiffVideoToVideoPipeline(
+        unet=unet, motion_adapter=motion_adapter, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=scheduler, feature_extractor=None, image_encoder=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

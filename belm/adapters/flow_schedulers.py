@@ -37,7 +37,11 @@ __all__ = ["FlowBELMScheduler", "FlowBELMInverseScheduler"]
 
 try:
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.configuration_utils import register_to_config
+    # SchedulerMixin and ConfigMixin must be names of THIS module: DiffusionPipeline.from_pretrained
+    # looks the loading mixins up in the module that defines a component's class
+    # (diffusers.pipelines.pipeline_loading_utils.get_class_obj_and_candidates).
+    from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: F401
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 except ImportError as exc:  # pragma: no cover - belm.adapters.schedulers already needs diffusers
     raise ImportError(f"belm.adapters.flow_schedulers needs diffusers ({exc})") from exc
 
@@ -97,6 +101,7 @@ class _FlowConfig:
         self._pending = None
         self._chain = None
         self._returned: Optional[torch.Tensor] = None
+        self._returned_version: Optional[int] = None
         self._reset()
 
     # -- grid -------------------------------------------------------------------------------
@@ -105,16 +110,20 @@ class _FlowConfig:
         """Set the private stock scheduler as the pipeline would, and build the belm flow schedule."""
         if num_inference_steps is None and sigmas is None and timesteps is None:
             raise ValueError("set_timesteps needs num_inference_steps (or sigmas= / timesteps=)")
-        if timesteps is not None and sigmas is None:
-            # diffusers would shift σ = t/T again while using t as given: the two would disagree
-            raise ValueError("pass sigmas= (or sigmas= and timesteps=) to a flow scheduler, not timesteps= alone")
         self._grid.set_timesteps(num_inference_steps, sigmas=None if sigmas is None else list(np.asarray(sigmas)),
                                  mu=mu, timesteps=None if timesteps is None else list(np.asarray(timesteps)))
+        if timesteps is not None and sigmas is None:
+            # diffusers uses the timesteps as given but shifts σ = t/T: unless the shift is the identity
+            # (shift = 1, no dynamic shifting, terminal stretch or σ conversion) the network would be
+            # evaluated at a time that is not its state's σ
+            implied = self._grid.timesteps.double() / self.config.num_train_timesteps
+            if not torch.allclose(self._grid.sigmas[:-1].double(), implied, rtol=1e-6, atol=0.0):
+                raise ValueError(
+                    "timesteps= alone on a flow scheduler that shifts σ (shift != 1, dynamic shifting, "
+                    "shift_terminal or Karras/exponential/beta σ) gives σ that do not match the timesteps; pass "
+                    "sigmas= (or sigmas= and timesteps=) instead")
         schedule = Schedule.from_sigmas(self._grid.sigmas[:-1].double(), kind="flow")
-        kwargs = {"gamma": float(self.config.gamma)} if self.config.method == "bdia" else {}
-        self.sampler = METHODS[self.config.method](_unused, schedule, progress=False, **kwargs)
-        self.schedule = schedule
-        self.num_inference_steps = schedule.num_steps
+        self._make_sampler(schedule)
         self.sigmas = self._grid.sigmas.clone()
         return schedule
 
@@ -166,10 +175,6 @@ class _FlowConfig:
         return self.config.num_train_timesteps
 
 
-def _unused(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    raise RuntimeError("the scheduler's internal belm sampler never calls the network; the pipeline does")
-
-
 class FlowBELMScheduler(_FlowConfig, BELMScheduler):
     """O-BELM / BDIA / DDIM sampling for flow pipelines (``StableDiffusion3Pipeline``, ``FluxPipeline``).
 
@@ -208,6 +213,7 @@ class FlowBELMInverseScheduler(_FlowConfig, BELMInverseScheduler):
                       timesteps: Optional[Sequence[float]] = None, to_level: int = 0) -> None:
         """Build the schedule and the inversion's evaluation timesteps (see the class docstring)."""
         schedule = self._build_flow(num_inference_steps, sigmas, mu, timesteps)
+        self._refuse_inexact_inversion()
         N = schedule.num_steps
         if isinstance(to_level, bool) or not isinstance(to_level, int) or not 0 <= to_level < N:
             raise ValueError(f"to_level must be an integer level in [0, {N - 1}]; got {to_level!r}")

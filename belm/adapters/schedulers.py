@@ -28,9 +28,20 @@ final_alpha_cumprod=1.0, clean_timestep=1)``. ``alphas_cumprod`` is computed by 
 code (float32, like ``DDIMScheduler``), so the schedule is identical (same fingerprint) to
 ``Schedule.from_diffusers(ddim_scheduler, N)`` for a ``DDIMScheduler`` with the same config,
 and a belm :class:`~belm.solvers.base.Latent` moves freely between the two. The final level
-is always clean (alpha = 1, belm's convention): ``set_alpha_to_one`` is accepted for config
-compatibility and ignored, as are ``clip_sample`` and ``thresholding`` (they would break exact
-inversion).
+is always clean (alpha = 1, belm's convention). Config keys that a deterministic exact sampler
+cannot honour (``set_alpha_to_one=False``, ``clip_sample``, ``thresholding``, and the
+Karras/exponential/beta σ options of compatible schedulers' configs) are ignored with one
+:class:`IgnoredConfigWarning` per key and class, naming the key; ``eta`` > 0 and
+``variance_noise`` are refused. ``rescale_betas_zero_snr=True`` is honoured with diffusers'
+clamp ā_{T−1} = 2⁻²⁴ (``EulerDiscreteScheduler``'s), which keeps σ/α finite at t = T − 1.
+
+diffusers' contract, kept: a run may start anywhere on the grid (the first ``step`` finds its
+place from the timestep it is given, or from ``set_begin_index``) and then starts the chain
+with its start-up member, as ``sample(x, from_level=k)`` does; a sample the caller changed
+(a new tensor, or the returned one edited in place, detected by its version counter) is the
+new state, and the chain restarts from it the same way; ``num_inference_steps`` below the
+method's k samples with the start-up members alone (inversion there is not exact and is
+refused).
 
 Steps are tracked by POSITION in the grid (a step counter checked against the given
 timestep), never by ``t − T // N``. diffusers' ``DDIMScheduler`` computes the previous
@@ -42,6 +53,8 @@ evaluated at the grid timestep ``t_{k+1}``. belm steps from level k to level k+1
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -61,12 +74,67 @@ from belm.adapters.eps import PREDICTION_TYPES, to_epsilon
 from belm.errors import LatentMismatchError
 from belm.schedule import SPACINGS, Schedule
 from belm.solvers import BDIA, DDIM, OBELM, Latent, MultistepChain, MultistepSampler
+from belm.solvers.base import latent_x_method
 from belm.solvers.growth import check_inversion_growth
 
-__all__ = ["BELMScheduler", "BELMInverseScheduler", "BELMSchedulerOutput", "METHODS"]
+__all__ = ["BELMScheduler", "BELMInverseScheduler", "BELMSchedulerOutput", "METHODS", "IgnoredConfigWarning"]
 
 #: config.method -> belm sampler class
 METHODS: dict[str, type[MultistepSampler]] = {"obelm": OBELM, "bdia": BDIA, "ddim": DDIM}
+
+#: ā at t = T − 1 under ``rescale_betas_zero_snr`` (diffusers' clamp: zero SNR would make σ/α infinite)
+ZERO_SNR_ALPHA_CUMPROD = 2.0 ** -24
+
+
+class IgnoredConfigWarning(UserWarning):
+    """A config key a deterministic, exactly invertible scheduler accepts but cannot honour."""
+
+
+#: config key -> (the value belm behaves as, why another value is ignored)
+_IGNORED_KEYS: dict[str, tuple[Any, str]] = {
+    "set_alpha_to_one": (True, "belm's final level is clean (alpha = 1), so that inversion starts from the "
+                         "clean input and latents match belm's own samplers; the last step of method='ddim' "
+                         "therefore goes to alpha = 1 where DDIMScheduler stops at alphas_cumprod[0]"),
+    "clip_sample": (False, "clipping x0 is not invertible, so exact samplers never clip"),
+    "thresholding": (False, "dynamic thresholding is not invertible, so exact samplers never threshold"),
+    "use_karras_sigmas": (False, "the grid follows timestep_spacing; pass set_timesteps(timesteps=[...]) "
+                          "for another grid"),
+    "use_exponential_sigmas": (False, "the grid follows timestep_spacing; pass set_timesteps(timesteps=[...]) "
+                               "for another grid"),
+    "use_beta_sigmas": (False, "the grid follows timestep_spacing; pass set_timesteps(timesteps=[...]) "
+                        "for another grid"),
+    "use_lu_lambdas": (False, "the grid follows timestep_spacing; pass set_timesteps(timesteps=[...]) "
+                       "for another grid"),
+}
+#: (class name, key) already warned about: one warning per key and class per process
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued by our caller at the user's code, past the
+    frames of belm's adapters and of diffusers' config machinery (from_config, register_to_config)."""
+    frame, level = sys._getframe(2), 2      # stacklevel 2: the caller of the function that warns
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("belm.adapters", "diffusers")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_ignored(cls_name: str, config: dict) -> None:
+    """Warn once per (class, key) about each key of ``config`` that is set and ignored."""
+    for key, (honoured, why) in _IGNORED_KEYS.items():
+        value = config.get(key, honoured)
+        if value is not None and value != honoured and (cls_name, key) not in _WARNED:
+            _WARNED.add((cls_name, key))
+            warnings.warn(f"{cls_name}: config {key}={value!r} is ignored ({key}={honoured!r} is used): {why}",
+                          IgnoredConfigWarning, stacklevel=_user_stacklevel())
+
+
+def _version(x: torch.Tensor) -> Optional[int]:
+    """The tensor's in-place modification counter (None for inference-mode tensors, which have none)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 @dataclass
@@ -81,15 +149,6 @@ class BELMSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: Optional[torch.Tensor] = None
-
-
-def _same(a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
-    """Whether the caller handed back the tensor we returned (same values, dtype and shape)."""
-    if b is None:
-        return False
-    if a is b:
-        return True
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def _unused_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -143,19 +202,22 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
         if method == "bdia":  # validated here so that a bad config fails at construction
             if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
                 raise ValueError(f"gamma must lie in (0, 1]; got {gamma!r}. gamma = 1 is the usual choice")
-        if rescale_betas_zero_snr:
-            raise ValueError("rescale_betas_zero_snr=True is not supported: zero terminal SNR gives alpha = 0 at "
-                             "t = T-1, where belm's rescaled coordinate sigma/alpha is infinite")
+        _warn_ignored(type(self).__name__, {"set_alpha_to_one": set_alpha_to_one, "clip_sample": clip_sample,
+                                            "thresholding": thresholding})
         # diffusers' own beta code (float32), so alphas_cumprod is bit-identical to DDIMScheduler's.
         try:
             ddpm = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                                 beta_schedule=beta_schedule, trained_betas=trained_betas)
+                                 beta_schedule=beta_schedule, trained_betas=trained_betas,
+                                 rescale_betas_zero_snr=rescale_betas_zero_snr)
         except NotImplementedError as exc:
             raise ValueError(f"beta_schedule {beta_schedule!r} is not supported (use 'linear', 'scaled_linear', "
                              "'squaredcos_cap_v2' or trained_betas)") from exc
         self.betas = ddpm.betas
         self.alphas = ddpm.alphas
-        self.alphas_cumprod = ddpm.alphas_cumprod
+        self.alphas_cumprod = ddpm.alphas_cumprod.clone()
+        if rescale_betas_zero_snr:
+            # zero terminal SNR: ā_{T−1} = 0 makes σ/α infinite at t = T − 1; clamp as diffusers' Euler does
+            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_CUMPROD
         self._alphas_cumprod64 = self.alphas_cumprod.to(torch.float64)
         self.num_inference_steps: Optional[int] = None
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
@@ -166,11 +228,43 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
         self._pending: Optional[Latent] = None
         self._chain: Optional[MultistepChain] = None
         self._returned: Optional[torch.Tensor] = None
+        self._returned_version: Optional[int] = None
         self._reset()
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' ``from_config``; keys of compatible schedulers' configs that belm cannot honour
+        (which diffusers would drop silently) are warned about once, by name."""
+        given = {**(dict(config) if isinstance(config, dict) else {}), **kwargs}
+        _warn_ignored(cls.__name__, {key: value for key, value in given.items()
+                                     if key not in cls._get_init_keys(cls)})
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _reset(self) -> None:
         """Forget the run's state (called by __init__ and set_timesteps)."""
         raise NotImplementedError
+
+    def _make_sampler(self, schedule: Schedule) -> None:
+        """The belm sampler of ``config.method`` on ``schedule`` (the chain's members; never calls a network)."""
+        cls = METHODS[self.config.method]
+        kwargs = {"gamma": float(self.config.gamma)} if self.config.method == "bdia" else {}
+        if schedule.num_steps < cls.num_states:
+            # Fewer levels than the method couples: a chain started at level 0 uses only the start-up
+            # members min(k, n) ≤ N. Every method here has k ≤ 2, so that is member 1: DDIM.
+            cls, kwargs = DDIM, {}
+        self.sampler = cls(_unused_eps, schedule, progress=False, **kwargs)
+        self.schedule = schedule
+        self.num_inference_steps = schedule.num_steps
+
+    def _refuse_inexact_inversion(self) -> None:
+        """Inversion with fewer levels than the method's k would be DDIM inversion: not exact, so refused."""
+        k = METHODS[self.config.method].num_states
+        if self.num_inference_steps < k:
+            raise ValueError(
+                f"num_inference_steps={self.num_inference_steps}: {self.config.method} inverts exactly only with "
+                f"num_inference_steps >= {k} (with fewer levels only the start-up DDIM step runs, and DDIM "
+                f"inversion is not exact); use num_inference_steps >= {k}, or method='ddim' for an approximate "
+                "inversion")
 
     # -- belm objects ------------------------------------------------------------------
     def _build(self, num_inference_steps: Optional[int], timesteps: Optional[Sequence[int]]) -> Schedule:
@@ -182,10 +276,7 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
             if num_inference_steps is None:
                 raise ValueError("set_timesteps needs num_inference_steps (or a descending list of timesteps)")
             schedule = Schedule.from_diffusers(self, num_inference_steps, spacing=self.config.spacing)
-        kwargs = {"gamma": float(self.config.gamma)} if self.config.method == "bdia" else {}
-        self.sampler = METHODS[self.config.method](_unused_eps, schedule, progress=False, **kwargs)
-        self.schedule = schedule
-        self.num_inference_steps = schedule.num_steps
+        self._make_sampler(schedule)
         return schedule
 
     @property
@@ -209,6 +300,39 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
         if self.schedule is None:
             raise RuntimeError(f"{type(self).__name__}.step() called before set_timesteps(); call "
                                "scheduler.set_timesteps(num_inference_steps) first")
+
+    def _first_index(self, timestep: Any) -> int:
+        """Position of ``timestep`` in ``timesteps``: where a run's first step is (mid-grid starts are normal)."""
+        raw = torch.as_tensor(timestep).detach().reshape(-1).cpu()
+        given, grid = raw.double(), self.timesteps.detach().cpu().double()
+        if given.numel() and bool((given == given[0]).all()):
+            hits = (grid == given[0]).nonzero().flatten()
+            if len(hits):
+                return int(hits[0])
+        shown = raw.tolist() if raw.numel() != 1 else raw.item()
+        raise ValueError(f"{type(self).__name__}.step() got timestep {shown}, which is not in scheduler.timesteps "
+                         f"({self.timesteps.tolist()}); call step() with the entries of scheduler.timesteps, in order "
+                         "(a run may start at any of them)")
+
+    def _unchanged(self, sample: torch.Tensor, level: int) -> bool:
+        """Whether ``sample`` is the state the chain holds at ``level``: the tensor we returned, not
+        edited in place (same version counter), or any tensor with the same values in its dtype."""
+        if sample is self._returned and self._returned_version is not None \
+                and _version(sample) == self._returned_version:
+            return True
+        current = self._chain.x(level)
+        if sample.shape != current.shape:
+            raise ValueError(f"sample has shape {tuple(sample.shape)} but the previous state has "
+                             f"{tuple(current.shape)}; the batch/latent shape cannot change in a run")
+        return torch.equal(sample, current.to(sample.dtype))
+
+    def _hand_out(self, prev_sample: torch.Tensor, x0: torch.Tensor, return_dict: bool
+                  ) -> BELMSchedulerOutput | tuple:
+        """Return ``prev_sample`` and remember it (and its version counter) to recognise it next step."""
+        self._returned, self._returned_version = prev_sample, _version(prev_sample)
+        if not return_dict:
+            return (prev_sample, x0)
+        return BELMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
     def _check_timestep(self, timestep: Any, index: int) -> int:
         total = len(self.timesteps)
@@ -271,7 +395,8 @@ class BELMScheduler(_BELMSchedulerBase):
     ``beta_schedule``, ``trained_betas``, ``prediction_type`` ("epsilon", "v_prediction",
     "sample"), ``timestep_spacing`` ("leading", "linspace", "trailing"), ``steps_offset``)
     plus ``method`` ("obelm" (default), "bdia", "ddim") and ``gamma`` (BDIA's γ ∈ (0, 1]).
-    ``set_alpha_to_one``, ``clip_sample`` and ``thresholding`` are accepted and ignored.
+    ``set_alpha_to_one=False``, ``clip_sample`` and ``thresholding`` are accepted and ignored, with one
+    :class:`IgnoredConfigWarning` naming the key; ``rescale_betas_zero_snr`` is honoured (ā_{T−1} = 2⁻²⁴).
 
     Schedule: after ``set_timesteps(N)``, :attr:`schedule` is ``Schedule.from_diffusers(self, N)``
     (grid from ``timestep_spacing`` and ``steps_offset``, clean final level alpha = 1,
@@ -282,7 +407,9 @@ class BELMScheduler(_BELMSchedulerBase):
 
     State: the scheduler keeps the exact float64 state it returned last. When the pipeline hands
     that tensor back (the usual loop), the float64 state is used, so nothing is lost to the
-    pipeline's dtype; a modified sample (e.g. by a callback) is taken as the new state.
+    pipeline's dtype; a modified sample (e.g. by a callback, out of place or in place: the returned
+    tensor's version counter tells) is taken as the new state, and the chain restarts from it with
+    the start-up (DDIM) step, as does a run whose first timestep is not ``timesteps[0]``.
 
     Exact reconstruction: :meth:`start_from` seeds the next run with a belm
     :class:`~belm.solvers.base.Latent` (e.g. :attr:`BELMInverseScheduler.latent` or
@@ -374,7 +501,7 @@ class BELMScheduler(_BELMSchedulerBase):
         self._check_sample(sample)
         self._check_eta(eta, variance_noise)
         if self._step_index is None:
-            self._step_index = self._begin_index or 0
+            self._step_index = self._begin_index if self._begin_index is not None else self._first_index(timestep)
         level = self._step_index
         t = self._check_timestep(timestep, level)
         self._chain_dtype(sample)
@@ -382,7 +509,7 @@ class BELMScheduler(_BELMSchedulerBase):
             latent, self._pending = self._pending, None
             if level != 0:
                 raise ValueError(f"start_from: the seeded latent is at level 0 but this run begins at level {level} "
-                                 "(set_begin_index); do not combine them")
+                                 "(set_begin_index, or a first timestep after timesteps[0]); do not combine them")
             expected = latent.x.to(sample.dtype)
             if expected.shape != sample.shape or not torch.equal(expected.to(sample.device), sample):
                 raise ValueError(f"start_from: the run's first sample (shape {tuple(sample.shape)}) is not the "
@@ -390,15 +517,12 @@ class BELMScheduler(_BELMSchedulerBase):
                                  "latents=latent.x to the pipeline")
             moved = latent.replace(states=[s.to(sample.device) for s in latent.states])
             self._chain = self.sampler.chain_from_latent(moved, _no_network)
-        elif self._chain is None:
+        elif self._chain is None or not self._unchanged(sample, level):
+            # A run's first step, or a state the caller changed (e.g. a callback, in place or not):
+            # the sample is the whole state, so the chain (re)starts from it with the start-up member.
+            if self._chain is None and level == 0:
+                self._warn_if_latent_x(sample)
             self._chain = self.sampler.chain_from_noise(sample, level, _no_network)
-        elif not _same(sample, self._returned):
-            # Changed by the caller (e.g. a callback): continue from what we were given.
-            current = self._chain.x(level)
-            if sample.shape != current.shape:
-                raise ValueError(f"sample has shape {tuple(sample.shape)} but the previous state has "
-                                 f"{tuple(current.shape)}; the batch/latent shape cannot change in a run")
-            self._chain.replace(level, sample.to(current.dtype))
         chain = self._chain
         x = chain.x(level)
         eps = self._epsilon(model_output, x, t)
@@ -407,11 +531,20 @@ class BELMScheduler(_BELMSchedulerBase):
             chain.supply(level, eps)
             chain.advance()
         self._step_index = level + 1
-        prev_sample = chain.x(level + 1).to(sample.dtype, copy=True)
-        self._returned = prev_sample
-        if not return_dict:
-            return (prev_sample, x0)
-        return BELMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+        return self._hand_out(chain.x(level + 1).to(sample.dtype, copy=True), x0, return_dict)
+
+    def _warn_if_latent_x(self, sample: torch.Tensor) -> None:
+        """``latents=latent.x`` without :meth:`start_from` restarts an inverted pair from its noisy half
+        alone: the run does not reproduce the inverted input, so say so."""
+        if self.sampler.num_states < 2:
+            return
+        method = latent_x_method(sample)
+        if method is not None:
+            warnings.warn(
+                f"{type(self).__name__}: the first sample equals latent.x of a {method} latent, but no "
+                "start_from(latent) was called: the run restarts from x alone with a DDIM step and does not "
+                "reproduce the inverted input. Call scheduler.start_from(latent) before the pipeline",
+                UserWarning, stacklevel=3)
 
 
 class BELMInverseScheduler(_BELMSchedulerBase):
@@ -440,6 +573,7 @@ class BELMInverseScheduler(_BELMSchedulerBase):
                       timesteps: Optional[Sequence[int]] = None, to_level: int = 0) -> None:
         """Build the schedule and the inversion's evaluation timesteps (see the class docstring)."""
         schedule = self._build(num_inference_steps, timesteps)
+        self._refuse_inexact_inversion()
         if self.sampler.invertible:
             check_inversion_growth(self.sampler, stacklevel=3)
         N = schedule.num_steps
@@ -456,6 +590,7 @@ class BELMInverseScheduler(_BELMSchedulerBase):
         self._chain = None
         self._returned = None
         self._input_dtype: Optional[torch.dtype] = None
+        self._origin: Optional[int] = None
         self.to_level = 0
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
@@ -468,30 +603,24 @@ class BELMInverseScheduler(_BELMSchedulerBase):
         self._check_eta(eta, variance_noise)
         N = self.num_inference_steps
         if self._step_index is None:
-            self._step_index = 0
-            self._chain_dtype(sample)
-            self._chain = self.sampler.chain_from_clean(sample, _no_network)
+            self._step_index = self._first_index(timestep)
             self._input_dtype = sample.dtype
         i = self._step_index
         t = self._check_timestep(timestep, i)
         current = N - i                    # level of `sample`
+        if self._chain is None or not self._unchanged(sample, current):
+            # The first step (from the clean level, or mid-grid), or a state the caller changed:
+            # inversion (re)starts from this sample with the start-up member.
+            self._chain_dtype(sample)
+            self._chain = self.sampler.chain_from_clean(sample, _no_network, level=current)
+            self._origin = current
         chain = self._chain
-        if i > 0 and not _same(sample, self._returned):
-            x_new = sample.to(chain.x(current))
-            if x_new.shape != chain.x(current).shape:
-                raise ValueError(f"sample has shape {tuple(sample.shape)} but the previous state has "
-                                 f"{tuple(chain.x(current).shape)}; the shape cannot change in a run")
-            chain.replace(current, x_new)   # modified by the caller: continue from what we were given
         eps = self._epsilon(model_output, chain.x(current), t)
         x0 = self._x0(chain.x(current), eps, current, sample.dtype)
         chain.supply(current, eps)
         chain.retreat()
         self._step_index = i + 1
-        prev_sample = chain.x(current - 1).to(sample.dtype, copy=True)
-        self._returned = prev_sample
-        if not return_dict:
-            return (prev_sample, x0)
-        return BELMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+        return self._hand_out(chain.x(current - 1).to(sample.dtype, copy=True), x0, return_dict)
 
     @property
     def latent(self) -> Latent:
@@ -503,4 +632,9 @@ class BELMInverseScheduler(_BELMSchedulerBase):
             done = self._step_index or 0
             raise RuntimeError(f"the inversion is not finished ({done} of {total} steps); run step() for every "
                                "entry of scheduler.timesteps first")
+        if self._origin != self.num_inference_steps:
+            warnings.warn(
+                f"{type(self).__name__}: this inversion started (or, after an edited sample, restarted) at level "
+                f"{self._origin}, not at the clean level {self.num_inference_steps}: sampling its latent "
+                f"reproduces the state at level {self._origin}, not a clean input", UserWarning, stacklevel=2)
         return self.sampler.to_latent(self._chain, self._input_dtype)

@@ -7,8 +7,10 @@ and :meth:`Sampler.invert` are the only loops, and they drive the chain.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import math
 import operator
 import os
@@ -40,6 +42,24 @@ _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float16, torch.bfloat
 
 # Tensors handed out by Latent.x, by id: sampling one of them alone loses the rest of the latent.
 _LATENT_X: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+# The same tensors by value (digest -> method), the last _LATENT_X_KEPT of them: a diffusers
+# pipeline copies latents=latent.x (latents * init_noise_sigma), so only the values survive.
+_LATENT_X_DIGESTS: "collections.OrderedDict[bytes, str]" = collections.OrderedDict()
+_LATENT_X_KEPT = 32
+
+
+def _digest(x: torch.Tensor) -> bytes:
+    """Digest of a tensor's shape, dtype and bytes (equal digests: equal tensors)."""
+    data = x.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy()
+    h = hashlib.blake2b(repr((tuple(x.shape), x.dtype)).encode(), digest_size=16)
+    h.update(data.tobytes())
+    return h.digest()
+
+
+def latent_x_method(x: torch.Tensor) -> Optional[str]:
+    """The method of a multi-state latent whose ``Latent.x`` equals ``x`` (same values, shape and
+    dtype) among the last few handed out, else None: sampling such an x alone loses the pair."""
+    return _LATENT_X_DIGESTS.get(_digest(x)) if _LATENT_X_DIGESTS else None
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,9 @@ class Latent:
         out = self._noisiest().to(self.dtype, copy=True)
         if len(self.states) > 1:
             _LATENT_X[id(out)] = out
+            _LATENT_X_DIGESTS[_digest(out)] = self.method
+            while len(_LATENT_X_DIGESTS) > _LATENT_X_KEPT:
+                _LATENT_X_DIGESTS.popitem(last=False)
         return out
 
     def _noisiest(self) -> torch.Tensor:

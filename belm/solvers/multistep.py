@@ -65,11 +65,16 @@ class MultistepSampler(ReversibleMixin, Sampler):
             return LatticeChain.from_noise(self.lattice_rule, network, x, level)
         return MultistepChain(self.rows, network, {level: self._owned(x)}, start=level)
 
-    def chain_from_clean(self, x0: torch.Tensor, network: Optional[Network] = None) -> Chain:
+    def chain_from_clean(self, x0: torch.Tensor, network: Optional[Network] = None, *,
+                         level: Optional[int] = None) -> Chain:
+        """``level``: where x0 sits (default: the clean level N); inversion from there starts
+        with the start-up members, as from N (a diffusers inversion loop begun mid-grid)."""
         network = network or self.network(self.model_dtype or x0.dtype)
+        N = self.schedule.num_steps if level is None else level
         if self.lattice_rule is not None:
+            if N != self.schedule.num_steps:
+                raise ValueError("exact='bitwise' inverts from the clean level only; pass level=None")
             return LatticeChain.from_clean(self.lattice_rule, network, x0)
-        N = self.schedule.num_steps
         return MultistepChain(self.rows, network, {N: self._owned(x0)}, end=N)
 
     def chain_from_latent(self, latent: Latent, network: Optional[Network] = None) -> Chain:
