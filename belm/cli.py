@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 __all__ = ["main", "build_parser", "resolve_threads"]
@@ -855,9 +856,8 @@ def _check_invert(args: argparse.Namespace) -> None:
 
     from belm.apps import datasets
     from belm.apps.models import BUNDLED_MODELS
-    for arg in ("shard_size",):
-        if getattr(args, arg) < 1:
-            raise CLIError(f"--shard-size must be >= 1; got {args.shard_size}")
+    if args.shard_size < 1:
+        raise CLIError(f"--shard-size must be >= 1; got {args.shard_size}")
     if args.workers < 0:
         raise CLIError(f"--workers must be >= 0; got {args.workers}")
     if args.freeze is not None and not 0 <= args.freeze < args.steps:
@@ -885,7 +885,7 @@ def _check_invert(args: argparse.Namespace) -> None:
     settings.update(freeze=args.freeze or 0, batch_size=batch_size, device=torch.device(args.device).type)
     args.plan = datasets.DatasetPlan(tuple(paths), args.shard_size, settings)
     try:
-        datasets.check_folder(datasets.Path(args.out), args.plan)
+        datasets.check_folder(Path(args.out), args.plan)
     except ValueError as err:
         raise CLIError(str(err)) from None
 
@@ -960,7 +960,7 @@ def cmd_invert(args: argparse.Namespace) -> dict:
     if rank != 0:
         return result
     summary = dict(result, world_size=size, **args.settings)
-    datasets.atomic_write(datasets.Path(args.out) / datasets.SUMMARY_FILE, datasets.json_bytes(summary))
+    datasets.atomic_write(Path(args.out) / datasets.SUMMARY_FILE, datasets.json_bytes(summary))
     print(f"{len(plan.paths)} images in {plan.num_shards} shards of {plan.shard_size}: {result['computed']} "
           f"computed, {result['skipped']} already done; index: {result['index']}")
     print(_rank_table(result["ranks"]))
@@ -995,7 +995,7 @@ def _sample_latents(args: argparse.Namespace) -> dict:
     rank, size = world(args.device)
     model = _load(args)
     sample = _latents_sampler(args, model, model.parse_condition(args.target, "--target"), args.guidance)
-    parts = datasets.Path(args.out) / ".belm-parts"
+    parts = Path(args.out) / ".belm-parts"
     t0 = time.perf_counter()
     done = datasets.sample_dataset(index, args.latents, parts, sample_fn=sample, rank=rank, world_size=size)
     seconds = time.perf_counter() - t0

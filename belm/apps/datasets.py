@@ -43,7 +43,7 @@ __all__ = ["IMAGE_SUFFIXES", "FIT_POLICIES", "DATASET_FORMAT", "list_images", "r
            "atomic_write", "canonical_safetensors", "tensor_digest", "DatasetPlan", "invert_dataset",
            "read_index", "load_shard", "iter_latents", "sample_dataset", "shard_name", "check_folder", "check_headers",
            "inverter", "sampler_options", "input_shape", "write_index", "gather_figures", "gather_parts",
-           "peak_rss_mib", "json_bytes", "Path"]
+           "peak_rss_mib", "json_bytes", "SETTINGS_FILE", "INDEX_FILE", "SUMMARY_FILE"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: How an input of another size meets the model's: "none" refuses it (naming the file), "resize"
@@ -112,6 +112,11 @@ def list_images(specs: Sequence[str]) -> list[str]:
     return paths
 
 
+def _size_refusal(path: str, size: tuple[int, int], model_size: tuple[int, int]) -> str:
+    return (f"{path} is {size[0]}x{size[1]}; the model takes {model_size[0]}x{model_size[1]}: pass --fit resize "
+            "(stretch) or --fit crop (center crop, then resize), or resize the images first")
+
+
 def read_image(path: str, shape: Sequence[int], fit: str) -> tuple[torch.Tensor, str]:
     """One input as a (C, H, W) float32 tensor in [−1, 1] at ``shape`` = (C, H, W), and the
     sha256 of the file's bytes (recorded in the index: which exact file became which latent).
@@ -130,8 +135,7 @@ def read_image(path: str, shape: Sequence[int], fit: str) -> tuple[torch.Tensor,
         img = img.convert("L")   # as ModelHandle.load_images: grey first, then resized
     if img.size != (W, H):
         if fit == "none":
-            raise ValueError(f"{path} is {img.width}x{img.height}; the model takes {W}x{H}: pass --fit resize "
-                             "(stretch) or --fit crop (center crop, then resize), or resize the images first")
+            raise ValueError(_size_refusal(path, img.size, (W, H)))
         if fit == "crop":
             # the largest centered window of the model's aspect ratio
             scale = min(img.width / W, img.height / H)
@@ -396,8 +400,7 @@ def check_headers(paths: Sequence[str], shape: Sequence[int], fit: str) -> None:
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"IMAGES: cannot read {path}: {exc}") from None
         if fit == "none" and size != (W, H):
-            raise ValueError(f"IMAGES: {path} is {size[0]}x{size[1]}; the model takes {W}x{H}: pass --fit resize "
-                             "(stretch) or --fit crop (center crop, then resize), or resize the images first")
+            raise ValueError("IMAGES: " + _size_refusal(path, size, (W, H)))
 
 
 def _reraised(loader):
@@ -553,6 +556,12 @@ def read_index(folder: str | os.PathLike) -> dict:
                 or not isinstance(shard.get("sha256"), str):
             raise ValueError(f"--latents {folder}: {INDEX_FILE} field shards[{k}] is malformed")
         first += shard["count"]
+    for i, entry in enumerate(index["images"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                or not isinstance(entry.get("shard"), int) or not 0 <= entry["shard"] < len(index["shards"]) \
+                or not isinstance(entry.get("row"), int) or not isinstance(entry.get("sha256"), str) \
+                or index["shards"][entry["shard"]]["first"] + entry["row"] != i:
+            raise ValueError(f"--latents {folder}: {INDEX_FILE} field images[{i}] is malformed")
     if first != index["num_images"]:
         raise ValueError(f"--latents {folder}: the shards hold {first} images, num_images says {index['num_images']}")
     return index
