@@ -124,6 +124,9 @@ def test_invert_refuses_a_wrong_size_before_work_in_one_line(tmp_path, digits_fo
     assert main(["invert", str(folder), "--out", str(out), *INVERT]) == 2
     _one_line(capsys, "big.png is 24x16", "--fit resize")
     assert not list(out.glob("shard-*"))
+    # the refused run wrote no latent, so the corrected command is not "other settings"
+    assert main(["invert", str(folder), "--out", str(out), *INVERT, "--fit", "resize"]) == 0
+    assert len(list(out.glob("shard-*"))) == 1
 
 
 # -- files ----------------------------------------------------------------------------------

@@ -287,7 +287,8 @@ def check_folder(out: Path, plan: DatasetPlan) -> None:
             old = json.loads(record_path.read_text())
         except ValueError:
             raise ValueError(f"--out {out}: {SETTINGS_FILE} is not JSON; choose another --out") from None
-        if old != json.loads(json_bytes(plan.record())):
+        # a run that stopped before its first shard (e.g. refused an input) left nothing to mix with
+        if old != json.loads(json_bytes(plan.record())) and any(out.glob("shard-*.safetensors")):
             raise ValueError(f"--out {out} holds latents made with other settings or inputs ({_differences(old, plan.record())}); "
                              "rerun with the same ones to resume, or choose another --out")
         return
@@ -340,16 +341,17 @@ def invert_dataset(model: ModelHandle, plan: DatasetPlan, out: str | os.PathLike
     """
     out = Path(out)
     fingerprint = plan.fingerprint()
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and not (out / SETTINGS_FILE).is_file():
-        atomic_write(out / SETTINGS_FILE, json_bytes(plan.record()))
     from belm.apps.sharding import shards_of_rank
     mine = shards_of_rank(plan.num_shards, rank, world_size)
+    pending = [k for k in mine if not _shard_is_done(out / shard_name(k), plan, k, fingerprint)]
+    check_headers([plan.paths[i] for k in pending for i in plan.rows(k)], shape, plan.settings.get("fit", "none"))
+    out.mkdir(parents=True, exist_ok=True)
+    record = json_bytes(plan.record())
+    if rank == 0 and not ((out / SETTINGS_FILE).is_file() and (out / SETTINGS_FILE).read_bytes() == record):
+        atomic_write(out / SETTINGS_FILE, record)     # new, or replacing one that has no shard yet
     for k in mine:   # what a killed run of this rank's shards left (no other rank touches them)
         for stale in out.glob(f".{shard_name(k)}.tmp-*"):
             stale.unlink(missing_ok=True)
-    pending = [k for k in mine if not _shard_is_done(out / shard_name(k), plan, k, fingerprint)]
-    check_headers([plan.paths[i] for k in pending for i in plan.rows(k)], shape, plan.settings.get("fit", "none"))
     skipped_mine = len(mine) - len(pending)
     step = batch_size or plan.shard_size
     loader = torch.utils.data.DataLoader(
