@@ -825,7 +825,8 @@ def _invert_options(p: argparse.ArgumentParser) -> None:
                         "path per line); PNG, JPEG or WebP; taken in sorted path order")
     p.add_argument("--source", default=None, help="condition of the inversion (class id or prompt); default: none")
     p.add_argument("--freeze", type=int, default=None,
-                   help="stop the inversion at this level (0 = full noise; edit --latents resamples from it); default 0")
+                   help="stop the inversion at this level (0 = full noise; edit --latents resamples from "
+                        "it); default 0")
     p.add_argument("--fit", default="none", choices=FIT_POLICIES,
                    help="inputs of another size than the model's: none refuses them (naming the file), resize "
                         "stretches them, crop center-crops them to the model's aspect ratio, then resizes")
@@ -959,7 +960,7 @@ def cmd_invert(args: argparse.Namespace) -> dict:
                                      workers=args.workers, progress=not args.no_progress, rank=rank, world_size=size)
     if rank != 0:
         return result
-    summary = dict(result, world_size=size, **args.settings)
+    summary = dict(result, world_size=size, dataset=plan.record(), **args.settings)
     datasets.atomic_write(Path(args.out) / datasets.SUMMARY_FILE, datasets.json_bytes(summary))
     print(f"{len(plan.paths)} images in {plan.num_shards} shards of {plan.shard_size}: {result['computed']} "
           f"computed, {result['skipped']} already done; index: {result['index']}")
@@ -1006,7 +1007,7 @@ def _sample_latents(args: argparse.Namespace) -> dict:
     if rank != 0:
         return {}
     images = datasets.gather_parts(index, parts)
-    summary = dict(seconds=seconds, ranks=ranks, world_size=size, **args.settings)
+    summary = dict(seconds=seconds, ranks=ranks, world_size=size, latents=args.latents, **args.settings)
     summary["inputs"] = [entry["path"] for entry in index["images"]]
     with OutputDir(args.out) as out:
         save_grid(out, [images[i:i + 10] for i in range(0, min(len(images), 100), 10)], "grid.png",
@@ -1055,7 +1056,7 @@ def _reconstruct_latents(args: argparse.Namespace) -> dict:
             errors[key].extend(values)
         if sum(len(a) for a, _ in shown) < 16:
             shown.append((inputs, rec.cpu()))
-    summary = dict(tasks.psnr_summary(errors), num=len(errors["mse"]), **args.settings)
+    summary = dict(tasks.psnr_summary(errors), num=len(errors["mse"]), latents=args.latents, **args.settings)
     summary["what"] = "sampled latents (decoded) vs the input images, in pixels in [-1, 1]"
     with OutputDir(args.out) as out:
         save_grid(out, [torch.cat([a for a, _ in shown])[:16], torch.cat([r for _, r in shown])[:16]],
@@ -1081,7 +1082,7 @@ def _edit_latents(args: argparse.Namespace) -> dict:
     sample = _latents_sampler(args, model, target, args.guidance)
     edited = torch.cat([sample(lat).cpu() for _, lat in datasets.iter_latents(args.latents, args.latents_index,
                                                                                device=args.device)])
-    summary: dict[str, Any] = dict(num=len(edited), **args.settings)
+    summary: dict[str, Any] = dict(num=len(edited), latents=args.latents, **args.settings)
     predicted = tasks.classify(model, edited) if isinstance(target, int) else None
     if predicted is not None:
         summary["success_rate"] = float((predicted == target).float().mean())

@@ -289,13 +289,15 @@ def check_folder(out: Path, plan: DatasetPlan) -> None:
             raise ValueError(f"--out {out}: {SETTINGS_FILE} is not JSON; choose another --out") from None
         # a run that stopped before its first shard (e.g. refused an input) left nothing to mix with
         if old != json.loads(json_bytes(plan.record())) and any(out.glob("shard-*.safetensors")):
-            raise ValueError(f"--out {out} holds latents made with other settings or inputs ({_differences(old, plan.record())}); "
-                             "rerun with the same ones to resume, or choose another --out")
+            changed = _differences(old, plan.record())
+            raise ValueError(f"--out {out} holds latents made with other settings or inputs ({changed}); rerun "
+                             "with the same ones to resume, or choose another --out")
         return
     foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if foreign:
-        raise ValueError(f"--out {out} is not empty and is not a belm latents folder (it holds {foreign[0]}"
-                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); choose an empty or new folder")
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ValueError(f"--out {out} is not empty and is not a belm latents folder (it holds {foreign[0]}{more}); "
+                         "choose an empty or new folder")
 
 
 def _shard_is_done(path: Path, plan: DatasetPlan, k: int, fingerprint: str) -> bool:
@@ -305,11 +307,11 @@ def _shard_is_done(path: Path, plan: DatasetPlan, k: int, fingerprint: str) -> b
         return False
     try:
         lat, meta = load_shard(path)
+        paths = json.loads(meta.get("belm_paths", "null"))
     except (ValueError, OSError):
         return False
-    expected = [plan.paths[i] for i in plan.rows(k)]
     return (meta.get("belm_dataset") == fingerprint and meta.get("belm_shard") == str(k)
-            and json.loads(meta.get("belm_paths", "null")) == expected
+            and paths == [plan.paths[i] for i in plan.rows(k)]
             and meta.get("belm_content_sha256") == tensor_digest(lat.file_parts()[0]))
 
 
@@ -363,11 +365,11 @@ def invert_dataset(model: ModelHandle, plan: DatasetPlan, out: str | os.PathLike
     pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
     for k, (rows, images, digests) in zip(pending, _reraised(loader)):
         assert rows == list(plan.rows(k))
-        device = model.unet.device
-        parts = [invert_fn(images[i:i + step].to(device)) for i in range(0, len(rows), step)]
+        parts = [invert_fn(images[i:i + step].to(model.unet.device)) for i in range(0, len(rows), step)]
         latent = _concat(parts)
         tensors, metadata = latent.file_parts()
-        metadata.update(belm_dataset=fingerprint, belm_shard=str(k), belm_paths=json.dumps([plan.paths[i] for i in rows]),
+        metadata.update(belm_dataset=fingerprint, belm_shard=str(k),
+                        belm_paths=json.dumps([plan.paths[i] for i in rows]),
                         belm_inputs_sha256=json.dumps(digests), belm_content_sha256=tensor_digest(tensors))
         atomic_write(out / shard_name(k), canonical_safetensors(tensors, metadata))
         images_done += len(rows)
@@ -414,7 +416,7 @@ def _reraised(loader):
             batch = next(iterator)
         except StopIteration:
             return
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:     # unreadable or vanished input
             lines = [ln for ln in str(exc).splitlines() if ln.strip()]
             raise ValueError(lines[-1].split(": ", 1)[-1] if len(lines) > 1 else str(exc)) from None
         yield batch
@@ -541,9 +543,9 @@ def read_index(folder: str | os.PathLike) -> dict:
         index = json.loads(path.read_text())
     except ValueError as exc:
         raise ValueError(f"--latents {folder}: {INDEX_FILE} is not JSON ({exc})") from None
-    if not isinstance(index, dict) or index.get("format") != DATASET_FORMAT:
-        raise ValueError(f"--latents {folder}: {INDEX_FILE} has format {index.get('format') if isinstance(index, dict) else None!r}, "
-                         f"expected {DATASET_FORMAT!r}")
+    found = index.get("format") if isinstance(index, dict) else None
+    if found != DATASET_FORMAT:
+        raise ValueError(f"--latents {folder}: {INDEX_FILE} has format {found!r}, expected {DATASET_FORMAT!r}")
     for key, kind in (("settings", dict), ("images", list), ("shards", list), ("num_images", int),
                       ("shard_size", int)):
         if not isinstance(index.get(key), kind):
