@@ -87,19 +87,23 @@ def markdown(rows: list[dict], num: int, steps: int, shard_size: int, workers: i
              f"CPU {cpu_model()} ({os.cpu_count()} cores), shared with other work (load average 1/5/15 min "
              f"before each run given). {num} bundled digits as PNGs, bundled digits model, obelm, {steps} steps, "
              f"shards of {shard_size}, {workers} decoding worker(s) per rank, 1 intra-op thread per rank, gloo._", "",
-             "| processes | rank | images | seconds | images/s | peak RSS MiB | wall s (load before) |",
-             "|---|---|---|---|---|---|---|"]
+             "| processes | rank | images | seconds | images/s | CPU ms per image | peak RSS MiB | "
+             "wall s (load before) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for r in row["ranks"]:
             lines.append(f"| {row['processes']} | {r['rank']} | {r['images']} | {r['seconds']:.1f} | "
-                         f"{r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} | "
-                         f"{row['wall_s']:.1f} ({row['load']}) |")
+                         f"{r['images_per_s']:.1f} | {1000 * r['cpu_seconds'] / r['images']:.0f} | "
+                         f"{r['peak_rss_mib']:.0f} | {row['wall_s']:.1f} ({row['load']}) |")
     ratio = two["job_images_per_s"] / one["job_images_per_s"]
     lines += ["", f"Job throughput (images ÷ the slowest rank's seconds): 1 process "
               f"{one['job_images_per_s']:.1f} images/s, 2 processes {two['job_images_per_s']:.1f} images/s: "
-              f"**{ratio:.2f}×** (at most 2× on 2 cores; other processes on the machine take their share). "
-              f"Wall time includes each rank's start-up (imports, model load). Shards and index of the two runs "
-              f"{'identical byte for byte' if identical else '**differ**'}.", END]
+              f"**{ratio:.2f}×**. On an idle 2-core machine the ratio is at most 2×; here other processes took "
+              "a varying share of the cores (see the load averages), so the ratio measures the load as much as "
+              "belm: the CPU time per image (each rank's own process, decoding workers not counted), which the "
+              "load does not change, shows what a rank costs. Wall time includes each rank's start-up (imports, "
+              f"model load). Shards and index of the two runs {'identical byte for byte' if identical else '**differ**'}.",
+              END]
     return "\n".join(lines)
 
 

@@ -339,7 +339,8 @@ def invert_dataset(model: ModelHandle, plan: DatasetPlan, out: str | os.PathLike
 
     Returns (rank 0: with every rank's figures; other ranks: their own) a dict with
     ``shards`` (total), ``computed`` / ``skipped`` (this run, all ranks), ``ranks`` (per rank:
-    ``images``, ``seconds``, ``images_per_s``, ``peak_rss_mib``) and ``index`` (rank 0).
+    ``images``, ``seconds``, ``cpu_seconds`` (the rank's own process, decoding workers not
+    counted), ``images_per_s``, ``peak_rss_mib``) and ``index`` (rank 0).
     """
     out = Path(out)
     fingerprint = plan.fingerprint()
@@ -361,7 +362,7 @@ def invert_dataset(model: ModelHandle, plan: DatasetPlan, out: str | os.PathLike
         batch_sampler=[list(plan.rows(k)) for k in pending], num_workers=workers, collate_fn=_collate,
         persistent_workers=False)
     bar = _Progress(out, plan, enabled=progress and rank == 0)
-    t0, images_done = time.perf_counter(), 0
+    t0, cpu0, images_done = time.perf_counter(), time.process_time(), 0
     pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
     for k, (rows, images, digests) in zip(pending, _reraised(loader)):
         assert rows == list(plan.rows(k))
@@ -376,8 +377,8 @@ def invert_dataset(model: ModelHandle, plan: DatasetPlan, out: str | os.PathLike
         bar.update()
         if pause:
             time.sleep(pause)
-    seconds = time.perf_counter() - t0
-    mine_figures = {"rank": rank, "images": images_done, "seconds": seconds,
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    mine_figures = {"rank": rank, "images": images_done, "seconds": seconds, "cpu_seconds": cpu_seconds,
                     "images_per_s": images_done / seconds if seconds > 0 and images_done else None,
                     "peak_rss_mib": peak_rss_mib(), "computed": len(pending), "skipped": skipped_mine}
     ranks = gather_figures(mine_figures, world_size)
