@@ -115,6 +115,29 @@ def test_fit_policies(tmp_path):
     assert len(digest) == 64
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--shard-size", "0"], ["--shard-size must be >= 1"]),
+    (["--workers", "-1"], ["--workers must be >= 0"]),
+    (["--exact", "bitwise", "--sampler", "ddim"], ["--exact bitwise", "obelm and bdia"]),
+    (["--exact", "bitwise", "--batch-size", "2"], ["--exact bitwise inverts whole shards"]),
+    (["--guidance", "2"], ["--guidance 2 needs --source"]),
+    (["--freeze", "4"], ["--freeze must lie in [0, 3]"]),
+])
+def test_bad_invert_arguments_are_one_line_before_any_work(tmp_path, digits_folder, capsys, extra, words):
+    out = tmp_path / "latents"
+    assert main(["invert", str(digits_folder), "--out", str(out), *INVERT, *extra]) == 2
+    _one_line(capsys, *words)
+    assert not out.exists()
+
+
+def test_invert_without_images_is_one_line(tmp_path, capsys):
+    assert main(["invert", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *INVERT]) == 2
+    _one_line(capsys, "missing", "neither a file, a folder nor a glob pattern")
+    (tmp_path / "empty").mkdir()
+    assert main(["invert", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *INVERT]) == 2
+    _one_line(capsys, "no PNG, JPEG or WebP file")
+
+
 def test_invert_refuses_a_wrong_size_before_work_in_one_line(tmp_path, digits_folder, capsys):
     from PIL import Image
     folder = tmp_path / "mixed"
