@@ -1,4 +1,4 @@
-"""The ``belm`` command: demo, sample, reconstruct, edit, interpolate, fd.
+"""The ``belm`` command: demo, sample, reconstruct, edit, interpolate, fd, optimize, invert.
 
 Every command validates its arguments before any work, writes its pictures and a strict-JSON
 ``summary.json`` (the run's settings included) into ``--out`` only when it succeeds

@@ -248,6 +248,24 @@ def test_rerun_skips_verified_shards_redoes_damaged_ones_and_refuses_other_setti
     assert _files(out) == before
 
 
+def test_sample_parts_resume_and_assemble_in_index_order(tmp_path, reference):
+    index = datasets.read_index(reference)
+    seen = []
+
+    def sample_fn(latent):          # stands in for the sampler: the latent's noisiest state
+        seen.append(latent.states[0].shape[0])
+        return latent.states[0].to(torch.float32)
+
+    parts = tmp_path / "parts"
+    assert datasets.sample_dataset(index, reference, parts, sample_fn=sample_fn) == [0, 1, 2]
+    assert datasets.sample_dataset(index, reference, parts, sample_fn=sample_fn) == []      # all kept
+    (parts / "part-000001.safetensors").write_bytes(b"damaged")
+    assert datasets.sample_dataset(index, reference, parts, sample_fn=sample_fn) == [1]
+    assert seen == [3, 3, 1, 3]
+    expected = torch.cat([lat.states[0] for _, lat in datasets.iter_latents(reference, index)]).to(torch.float32)
+    assert torch.equal(datasets.gather_parts(index, parts), expected)
+
+
 def test_invert_refuses_a_folder_it_did_not_write(tmp_path, digits_folder, capsys):
     out = tmp_path / "mine"
     out.mkdir()
