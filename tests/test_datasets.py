@@ -372,10 +372,17 @@ def test_backend_follows_the_device_and_cuda_ranks_bind_to_local_rank(monkeypatc
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", str(d)))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "rendezvous", lambda url, timeout: iter([(Store(), 1, 2)]))
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.__setitem__("backend", backend))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.update(backend=backend, init_timeout=kw["timeout"]))
+    monkeypatch.setattr(dist, "barrier", lambda: calls.__setitem__("barrier", True))
+    monkeypatch.setattr(dist.distributed_c10d, "_set_pg_timeout", lambda t: calls.__setitem__("pg_timeout", t))
+    monkeypatch.setenv("BELM_RENDEZVOUS_TIMEOUT", "7")
     for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT="1").items():
         monkeypatch.setenv(name, value)
     assert sharding.init_world("cpu") == "cpu" and calls["backend"] == "gloo" and "set_device" not in calls
+    # joining is bounded by the rendezvous timeout; collectives afterwards wait for the slowest rank
+    assert calls["init_timeout"].total_seconds() == 7 and calls["barrier"]
+    assert calls["pg_timeout"] == calls["store_timeout"] and calls["pg_timeout"].total_seconds() > 86400
     assert sharding.init_world("cuda") == "cuda:1" and calls["backend"] == "nccl" and calls["set_device"] == "cuda:1"
     assert backend_for(None) == "gloo" and backend_for("cuda:0") == "nccl"

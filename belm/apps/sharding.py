@@ -97,11 +97,18 @@ def init_world(device: str | torch.device | None = None, *, timeout_s: Optional[
     try:
         # The store first, with a short timeout: with inherited variables and no launcher,
         # rank 0 would otherwise wait for the missing ranks forever (and the others retry).
+        extend = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
         with _quiet_native_stderr():
             store, rank, size = next(dist.rendezvous("env://", timeout=short))
             dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=size,
-                                    timeout=_COLLECTIVE_TIMEOUT)
+                                    timeout=short if extend is not None else _COLLECTIVE_TIMEOUT)
+            if extend is not None:
+                # Every rank really there, in time: variables inherited from a parent torchrun job
+                # reach that job's store, whose stale keys would otherwise stall the first collective.
+                dist.barrier()
         store.set_timeout(_COLLECTIVE_TIMEOUT)
+        if extend is not None:
+            extend(_COLLECTIVE_TIMEOUT)
     except (RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConnectionError(
