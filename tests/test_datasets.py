@@ -193,15 +193,25 @@ def test_invert_writes_shards_and_an_index_that_sample_latents_reads_back(tmp_pa
     assert len(list(out.glob("sample_*.png"))) == NUM_IMAGES
 
 
-def test_bitwise_latents_sample_back_to_the_inputs_bit_for_bit(tmp_path, digits_folder):
+@pytest.mark.parametrize("model", ["digits", "digits-flow"])
+def test_bitwise_latents_sample_back_to_the_inputs_bit_for_bit(tmp_path, digits_folder, model):
     from safetensors.torch import load_file
     latents, out = tmp_path / "latents", tmp_path / "samples"
-    assert main(["invert", str(digits_folder), "--out", str(latents), "--exact", "bitwise", *INVERT]) == 0
+    assert main(["invert", str(digits_folder), "--model", model, "--out", str(latents), "--exact", "bitwise",
+                 *INVERT]) == 0
     assert main(["sample", "--latents", str(latents), "--out", str(out), "--no-progress"]) == 0
     images = load_file(str(out / "samples.safetensors"))["images"]
     index = json.loads((latents / "index.json").read_text())
     inputs = torch.stack([datasets.read_image(e["path"], (1, 16, 16), "none")[0] for e in index["images"]])
     assert torch.equal(images, inputs)
+
+
+def test_one_progress_bar_with_shards_done_unless_no_progress(tmp_path, digits_folder, capsys):
+    assert main(["invert", str(digits_folder), "--out", str(tmp_path / "a"), *SIZES, "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "invert" in err and "shards 3/3" in err and "img/s" in err
+    assert main(["invert", str(digits_folder), "--out", str(tmp_path / "b"), *INVERT]) == 0
+    assert "shards" not in capsys.readouterr().err
 
 
 def test_reconstruct_and_edit_read_latents_back(tmp_path, reference):
