@@ -899,6 +899,8 @@ def _apply_index(args: argparse.Namespace) -> None:
         raise CLIError("--latent and --latents exclude each other: pass one latent file or one latents folder")
     if getattr(args, "image", None):
         raise CLIError("--image does not apply with --latents: the inputs are those recorded in the folder's index")
+    if args.out is not None and os.path.realpath(args.out) == os.path.realpath(args.latents):
+        raise CLIError(f"--out {args.out} is the --latents folder; write the {args.command} outputs to another folder")
     try:
         index = datasets.read_index(args.latents)
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -229,6 +229,10 @@ def test_latents_option_that_contradicts_the_index_is_one_line(tmp_path, referen
     _one_line(capsys, "--steps 9", "--steps 4", "omit --steps")
     assert main(["sample", "--latents", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     _one_line(capsys, "no index.json")
+    before = _files(reference)
+    assert main(["sample", "--latents", str(reference), "--out", str(reference)]) == 2
+    _one_line(capsys, "is the --latents folder")
+    assert _files(reference) == before
 
 
 # -- resume ---------------------------------------------------------------------------------
