@@ -1,4 +1,4 @@
-"""The ``belm`` command: demo, sample, reconstruct, edit, interpolate, fd.
+"""The ``belm`` command: demo, sample, reconstruct, edit, interpolate, fd, optimize, invert.
 
 Every command validates its arguments before any work, writes its pictures and a strict-JSON
 ``summary.json`` (the run's settings included) into ``--out`` only when it succeeds
@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 __all__ = ["main", "build_parser", "resolve_threads"]
@@ -213,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter)
     common(p, num=297, guidance=1.0)
     batch(p, 128, "images per sampling pass")
+
+    p = sub.add_parser("invert", help="invert image folders into latent shards (resumable; runs sharded under "
+                       "torchrun)", formatter_class=_Formatter)
+    common(p, num=None, guidance=1.0)
+    batch(p, None, "images per inversion pass, counted from each shard's first image (default: the whole shard); "
+                   "the latents' bits depend on it, never on the number of ranks")
+    _invert_options(p)
+    for name in ("sample", "reconstruct", "edit"):
+        _latents_option(sub.choices[name])
     return parser
 
 
@@ -280,9 +290,11 @@ def _check(args: argparse.Namespace) -> None:
     from belm.apps.models import BUNDLED_MODELS
     if args.command == "optimize":
         return _check_optimize(args)
+    if getattr(args, "latents", None) is not None:
+        _apply_index(args)      # the folder's settings, before anything is checked against them
     bundled = args.model in BUNDLED_MODELS
     _check_paths(args)
-    if args.num is None and getattr(args, "latent", None) is None:
+    if args.num is None and getattr(args, "latent", None) is None and args.command != "invert":
         args.num = 16
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1; got {args.steps}")
@@ -301,7 +313,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.p is not None and not 0 < args.p < 1:
         raise CLIError(f"--p must lie in (0, 1); got {args.p}")
     if args.command == "edit":
-        for arg in ("source", "target"):
+        # --latents: the source is the folder's (none: an unconditional inversion)
+        for arg in ("target",) if getattr(args, "latents", None) else ("source", "target"):
             if getattr(args, arg) is None and bundled:
                 raise CLIError(f"edit needs --{arg} (a class id for --model {args.model}), e.g. --source 3 --target 8")
         if args.freeze is not None and not 0 <= args.freeze < args.steps:
@@ -344,6 +357,8 @@ def _check(args: argparse.Namespace) -> None:
                     raise CLIError(f"--{arg} must be a class id in [0, {NUM_CLASSES - 1}] for --model {args.model}; "
                                    f"got {value!r}")
     _check_out(args)
+    if args.command == "invert":
+        _check_invert(args)
 
 
 #: The files each command always writes into --out (numbered pictures aside): a file of the
@@ -567,6 +582,8 @@ def _save_latent(args: argparse.Namespace, model, latent, target: Any, guidance:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> dict:
+    if getattr(args, "latents", None) is not None:
+        return _reconstruct_latents(args)
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid
     model = _load(args)
@@ -614,6 +631,8 @@ EDIT_FIGURES = ("success_rate", "change_l2", "change_psnr", "latent_std", "laten
 
 
 def cmd_edit(args: argparse.Namespace) -> dict:
+    if getattr(args, "latents", None) is not None:
+        return _edit_latents(args)
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid, save_images
     model = _load(args)
@@ -733,6 +752,8 @@ def _sample_latent(args: argparse.Namespace, model) -> dict:
 
 
 def cmd_sample(args: argparse.Namespace) -> dict:
+    if getattr(args, "latents", None) is not None:
+        return _sample_latents(args)
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid, save_images
     from belm.apps.sharding import gather_in_order, shard
@@ -821,8 +842,290 @@ def cmd_demo(args: argparse.Namespace) -> dict:
                     model=args.model)
 
 
+# -- data sets: belm invert, --latents DIR, and runs under torchrun ------------------------------
+def _invert_options(p: argparse.ArgumentParser) -> None:
+    from belm.apps.datasets import FIT_POLICIES
+    p.add_argument("inputs", nargs="+", metavar="IMAGES",
+                   help="image files, folders (searched recursively), glob patterns or list files (.txt/.lst, one "
+                        "path per line); PNG, JPEG or WebP; taken in sorted path order")
+    p.add_argument("--source", default=None, help="condition of the inversion (class id or prompt); default: none")
+    p.add_argument("--freeze", type=int, default=None,
+                   help="stop the inversion at this level (0 = full noise; edit --latents resamples from "
+                        "it); default 0")
+    p.add_argument("--fit", default="none", choices=FIT_POLICIES,
+                   help="inputs of another size than the model's: none refuses them (naming the file), resize "
+                        "stretches them, crop center-crops them to the model's aspect ratio, then resizes")
+    p.add_argument("--shard-size", type=int, default=32,
+                   help="images per shard file: the unit of work, of resuming and of the split over ranks")
+    p.add_argument("--workers", type=int, default=2,
+                   help="DataLoader worker processes that decode images, per rank (0: decode in the rank itself)")
+    p.add_argument("--exact", default="float", choices=("float", "bitwise"),
+                   help="bitwise: integer-lattice latents (--sampler obelm or bdia) that sample back to the "
+                        "inputs bit for bit")
+    for action in p._actions:       # common()'s wording is about seeds and held-out digits
+        if action.dest == "num":
+            action.help = "invert only the first NUM inputs (in sorted order); default: all"
+        elif action.dest == "seed":
+            action.help = argparse.SUPPRESS
+
+
+def _latents_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--latents", default=None, metavar="DIR",
+                   help="a folder written by belm invert: its model, sampler, grid and condition are taken from "
+                        "its index.json (a contradicting option is refused)")
+
+
+def _check_invert(args: argparse.Namespace) -> None:
+    """invert's own arguments; builds the plan (inputs, settings) and checks --out against it,
+    all before any model load."""
+    import torch
+
+    from belm.apps import datasets
+    from belm.apps.models import BUNDLED_MODELS
+    if args.shard_size < 1:
+        raise CLIError(f"--shard-size must be >= 1; got {args.shard_size}")
+    if args.workers < 0:
+        raise CLIError(f"--workers must be >= 0; got {args.workers}")
+    if args.freeze is not None and not 0 <= args.freeze < args.steps:
+        raise CLIError(f"--freeze must lie in [0, {args.steps - 1}] (freeze < steps); got {args.freeze}")
+    if args.guidance != 1.0 and args.source is None:
+        raise CLIError(f"--guidance {args.guidance:g} needs --source (the condition to guide towards)")
+    batch_size = min(args.batch_size or args.shard_size, args.shard_size)
+    if args.exact == "bitwise":
+        if args.sampler not in ("obelm", "bdia"):
+            raise CLIError(f"--exact bitwise is defined for the 2-step samplers obelm and bdia; got --sampler "
+                           f"{args.sampler}")
+        if batch_size != args.shard_size:
+            raise CLIError("--exact bitwise inverts whole shards: omit --batch-size (or set it to --shard-size)")
+    try:
+        paths = datasets.list_images(args.inputs)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise CLIError(str(err)) from None
+    if args.num is not None:
+        paths = paths[:args.num]
+    keys = ("model", "sampler", "steps", "spacing", "gamma", "p", "guidance", "source", "dtype", "null_class",
+            "negative_prompt", "fit", "exact")
+    settings = {k: getattr(args, k) for k in keys}
+    if args.model not in BUNDLED_MODELS:
+        settings["model"] = os.path.abspath(args.model)
+    settings.update(freeze=args.freeze or 0, batch_size=batch_size, device=torch.device(args.device).type)
+    args.plan = datasets.DatasetPlan(tuple(paths), args.shard_size, settings)
+    try:
+        datasets.check_folder(Path(args.out), args.plan)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
+def _apply_index(args: argparse.Namespace) -> None:
+    """``--latents DIR``: take the settings that decided the latents from DIR's index (model,
+    sampler, grid, condition, batches), refusing an option given with another value."""
+    from belm.apps import datasets
+    if getattr(args, "latent", None) is not None:
+        raise CLIError("--latent and --latents exclude each other: pass one latent file or one latents folder")
+    if getattr(args, "image", None):
+        raise CLIError("--image does not apply with --latents: the inputs are those recorded in the folder's index")
+    if args.out is not None and os.path.realpath(args.out) == os.path.realpath(args.latents):
+        raise CLIError(f"--out {args.out} is the --latents folder; write the {args.command} outputs to another folder")
+    try:
+        index = datasets.read_index(args.latents)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise CLIError(str(err)) from None
+    recorded = index["settings"]
+    taken = {k: recorded.get(k) for k in ("model", "sampler", "steps", "spacing", "gamma", "p", "dtype",
+                                          "null_class", "negative_prompt", "batch_size")}
+    taken["num"] = index["num_images"]
+    if args.command == "sample":
+        taken.update(target=recorded.get("source"), guidance=recorded.get("guidance"))
+    elif args.command == "reconstruct":
+        taken.update(source=recorded.get("source"), guidance=recorded.get("guidance"))
+    else:   # edit: inverted with --source up to --freeze; resampled with the --target and --guidance given
+        taken.update(source=recorded.get("source"), inversion_guidance=recorded.get("guidance"),
+                     freeze=recorded.get("freeze"))
+    defaults = vars(build_parser().parse_args([args.command]))
+    for name, value in taken.items():
+        given = getattr(args, name)
+        if given != defaults[name] and str(given) != str(value):
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"{flag} {given}: {args.latents} was inverted with {flag} {value} (see its "
+                           f"{datasets.INDEX_FILE}); omit {flag}")
+        setattr(args, name, value)
+    args.latents_index = index
+
+
+def _distributed(args: argparse.Namespace) -> None:
+    """Under a launcher (``$WORLD_SIZE`` > 1): join the process group for the commands that shard
+    (invert, sample from seeds, sample --latents) and refuse every other command in one line,
+    before any work (each rank would do all of it and write the same --out)."""
+    from belm.apps.sharding import init_world, launched_world_size
+    try:
+        size = launched_world_size()
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if size <= 1:
+        return
+    if args.command not in ("invert", "sample") or getattr(args, "latent", None) is not None:
+        what = "sample --latent" if args.command == "sample" else args.command
+        raise CLIError(f"{what} does not run sharded: under $WORLD_SIZE={size} every rank would do all the work "
+                       "and write the same --out; run it as one process (without torchrun). invert, sample from "
+                       "seeds and sample --latents run sharded")
+    args.device = init_world(args.device)
+
+
+def _rank_table(ranks: Sequence[dict]) -> str:
+    return _table([[r["rank"], r["images"], r["seconds"], r["images_per_s"], r["peak_rss_mib"]] for r in ranks],
+                  ["rank", "images", "seconds", "images_per_s", "peak_rss_mib"])
+
+
+def cmd_invert(args: argparse.Namespace) -> dict:
+    from belm.apps import datasets
+    from belm.apps.sharding import world
+    rank, size = world(args.device)
+    model = _load(args)
+    plan = args.plan
+    result = datasets.invert_dataset(model, plan, args.out, invert_fn=datasets.inverter(model, plan.settings),
+                                     batch_size=plan.settings["batch_size"], shape=datasets.input_shape(model),
+                                     workers=args.workers, progress=not args.no_progress, rank=rank, world_size=size)
+    if rank != 0:
+        return result
+    summary = dict(result, world_size=size, dataset=plan.record(), **args.settings)
+    datasets.atomic_write(Path(args.out) / datasets.SUMMARY_FILE, datasets.json_bytes(summary))
+    print(f"{len(plan.paths)} images in {plan.num_shards} shards of {plan.shard_size}: {result['computed']} "
+          f"computed, {result['skipped']} already done; index: {result['index']}")
+    print(_rank_table(result["ranks"]))
+    print(f"sample them back with: belm sample --latents {args.out} --out OUT")
+    return summary
+
+
+def _latents_sampler(args: argparse.Namespace, model, condition: Any, guidance: float):
+    """latent of a shard → its images (B, C, H, W) in [−1, 1], in the batches it was inverted in."""
+    from belm.apps import datasets, tasks
+    options = datasets.sampler_options(args.latents_index["settings"])
+
+    def sample(latent):
+        return tasks.sample_latent(model, latent, sampler=args.sampler, steps=args.steps, condition=condition,
+                                   guidance=guidance, batch_size=args.batch_size, progress=False,
+                                   spacing=args.spacing, sampler_options=options)
+    return sample
+
+
+def _sample_latents(args: argparse.Namespace) -> dict:
+    """``sample --latents DIR``: each rank samples its shards into parts inside --out (kept on a
+    kill: a rerun resumes); rank 0 assembles them in index order and commits --out."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from belm.apps import datasets
+    from belm.apps.io import OutputDir, save_grid, save_images
+    from belm.apps.sharding import world
+    index = args.latents_index
+    rank, size = world(args.device)
+    model = _load(args)
+    sample = _latents_sampler(args, model, model.parse_condition(args.target, "--target"), args.guidance)
+    parts = Path(args.out) / ".belm-parts"
+    t0 = time.perf_counter()
+    done = datasets.sample_dataset(index, args.latents, parts, sample_fn=sample, rank=rank, world_size=size)
+    seconds = time.perf_counter() - t0
+    images_done = sum(index["shards"][k]["count"] for k in done)
+    ranks = datasets.gather_figures({"rank": rank, "images": images_done, "seconds": seconds,
+                                     "images_per_s": images_done / seconds if images_done else None,
+                                     "peak_rss_mib": datasets.peak_rss_mib()}, size)
+    if rank != 0:
+        return {}
+    images = datasets.gather_parts(index, parts)
+    summary = dict(seconds=seconds, ranks=ranks, world_size=size, latents=args.latents, **args.settings)
+    summary["inputs"] = [entry["path"] for entry in index["images"]]
+    with OutputDir(args.out) as out:
+        save_grid(out, [images[i:i + 10] for i in range(0, min(len(images), 100), 10)], "grid.png",
+                  scale=_picture_scale(model))
+        save_images(out, images, [f"sample_{i:06d}.png" for i in range(len(images))],
+                    scale=_save_scale(model, images))
+        save_file({"images": images.contiguous().to(torch.float32)}, str(out.file("samples.safetensors")))
+        out.write_json("summary.json", summary)
+        shutil.rmtree(parts)      # last: a kill before the commit keeps the parts for a rerun
+    print(_rank_table(ranks))
+    return summary
+
+
+def _inputs_of(args: argparse.Namespace, model, shard: int):
+    """The inputs of one shard of --latents, as inverted (same fit), checked against the sha256
+    the index recorded (a changed file would make the comparison meaningless)."""
+    import torch
+
+    from belm.apps import datasets
+    index = args.latents_index
+    entries = [e for e in index["images"] if e["shard"] == shard]
+    images = []
+    for entry in entries:
+        image, digest = datasets.read_image(entry["path"], datasets.input_shape(model), index["settings"]["fit"])
+        if digest != entry["sha256"]:
+            raise CLIError(f"--latents {args.latents}: input {entry['path']} changed since it was inverted (sha256 "
+                           "differs from the index); invert it again")
+        images.append(image)
+    return torch.stack(images)
+
+
+def _reconstruct_latents(args: argparse.Namespace) -> dict:
+    """``reconstruct --latents DIR``: sample every shard back and compare with its inputs."""
+    import torch
+
+    from belm.apps import datasets, tasks
+    from belm.apps.io import OutputDir, save_grid
+    from belm.apps.metrics import reconstruction_errors
+    model = _load(args)
+    sample = _latents_sampler(args, model, model.parse_condition(args.source, "--source"), args.guidance)
+    errors: dict[str, list] = {"max_abs_error": [], "mse": [], "psnr": []}
+    shown: list = []
+    for k, latent in datasets.iter_latents(args.latents, args.latents_index, device=args.device):
+        inputs, rec = _inputs_of(args, model, k), sample(latent)
+        for key, values in reconstruction_errors(inputs.to(rec), rec).items():
+            errors[key].extend(values)
+        if sum(len(a) for a, _ in shown) < 16:
+            shown.append((inputs, rec.cpu()))
+    summary = dict(tasks.psnr_summary(errors), num=len(errors["mse"]), latents=args.latents, **args.settings)
+    summary["what"] = "sampled latents (decoded) vs the input images, in pixels in [-1, 1]"
+    with OutputDir(args.out) as out:
+        save_grid(out, [torch.cat([a for a, _ in shown])[:16], torch.cat([r for _, r in shown])[:16]],
+                  "reconstruction.png", scale=_picture_scale(model))
+        out.write_json("summary.json", summary)
+    print(_table([[args.sampler, summary["num"], *tasks.psnr_summary(errors).values()]],
+                 ["sampler", "num", "max_abs_error", "mse", "psnr"]))
+    return summary
+
+
+def _edit_latents(args: argparse.Namespace) -> dict:
+    """``edit --latents DIR --target T``: resample every shard's latents (inverted with the
+    folder's --source up to its --freeze level) with the target condition."""
+    import torch
+    from safetensors.torch import save_file
+
+    from belm.apps import datasets, tasks
+    from belm.apps.io import OutputDir, save_grid, save_images
+    model = _load(args)
+    if args.target is None:
+        raise CLIError("edit --latents needs --target (the condition to resample with)")
+    target = model.parse_condition(args.target, "--target")
+    sample = _latents_sampler(args, model, target, args.guidance)
+    edited = torch.cat([sample(lat).cpu() for _, lat in datasets.iter_latents(args.latents, args.latents_index,
+                                                                               device=args.device)])
+    summary: dict[str, Any] = dict(num=len(edited), latents=args.latents, **args.settings)
+    predicted = tasks.classify(model, edited) if isinstance(target, int) else None
+    if predicted is not None:
+        summary["success_rate"] = float((predicted == target).float().mean())
+    summary["inputs"] = [entry["path"] for entry in args.latents_index["images"]]
+    with OutputDir(args.out) as out:
+        save_grid(out, [_inputs_of(args, model, 0)[:16], edited[:16]], "edit.png", scale=_picture_scale(model))
+        save_images(out, edited, [f"edited_{i:06d}.png" for i in range(len(edited))], scale=_save_scale(model, edited))
+        save_file({"images": edited.contiguous().to(torch.float32)}, str(out.file("samples.safetensors")))
+        out.write_json("summary.json", summary)
+    print(_table([[args.source, args.target, args.freeze, args.guidance, len(edited), summary.get("success_rate")]],
+                 ["source", "target", "freeze", "guidance", "num", "success_rate"]))
+    return summary
+
+
 COMMANDS = {"demo": cmd_demo, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "edit": cmd_edit,
-            "interpolate": cmd_interpolate, "fd": cmd_fd, "optimize": cmd_optimize}
+            "interpolate": cmd_interpolate, "fd": cmd_fd, "optimize": cmd_optimize, "invert": cmd_invert}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -847,6 +1150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command != "demo":
             _check(args)
         args.settings = _settings(args, argv)
+        _distributed(args)
         COMMANDS[args.command](args)
         return 0
     except CLIError as err:

@@ -132,6 +132,16 @@ class Latent:
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
+    def file_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The named tensors (CPU, contiguous) and the string metadata that :meth:`save` writes and
+        :meth:`load` reads back; for writers that add metadata of their own (dataset shards)."""
+        tensors = {f"state_{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.states)}
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in self._tensors().items()})
+        metadata = {"format": _FORMAT, "kind": self.kind, "method": self.method, "schedule": self.schedule,
+                    "level": str(self.level), "dtype": str(self.dtype).replace("torch.", ""),
+                    "num_states": str(len(self.states)), **self._metadata()}
+        return tensors, metadata
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the latent to ``path`` (safetensors; identity and dtype in its metadata).
 
@@ -144,11 +154,7 @@ class Latent:
             raise IsADirectoryError(f"path {str(path)!r} is a folder; pass a file name such as latent.safetensors")
         if not path.parent.is_dir():
             raise FileNotFoundError(f"path {str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
-        tensors = {f"state_{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.states)}
-        tensors.update({k: v.detach().cpu().contiguous() for k, v in self._tensors().items()})
-        metadata = {"format": _FORMAT, "kind": self.kind, "method": self.method, "schedule": self.schedule,
-                    "level": str(self.level), "dtype": str(self.dtype).replace("torch.", ""),
-                    "num_states": str(len(self.states)), **self._metadata()}
+        tensors, metadata = self.file_parts()
         # Mode 0o666 less the umask, as a plain open() gives (mkstemp and save_file give 0600).
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), prefix=".belm-latent-")
 
