@@ -268,3 +268,69 @@ def test_any_single_field_corruption_is_refused_or_harmless(tmp_path_factory, ex
         assert "\n" not in str(err)
         return
     assert torch.equal(result, expected), (field, how, arg)
+
+
+# -- the CLI: a latent records the conditioning of its inversion -------------------------------------
+def test_cli_sample_latent_uses_the_recorded_guidance_and_condition(tmp_path, capsys):
+    # Before: sample used its own --guidance 3.0 (and needed --target) where reconstruct inverted with 1.
+    from safetensors.torch import load_file
+
+    from belm.apps import load_model, reconstruct
+    from test_cli import run
+    lat = tmp_path / "lat.safetensors"
+    code, _ = run(["reconstruct", "--num", "3", "--steps", "10", "--guidance", "1", "--save-latent", str(lat)],
+                  tmp_path, "rec")
+    assert code == 0
+    info = Latent.load(lat).info
+    labels = [int(v) for v in info["target"].split(",")]
+    assert float(info["guidance"]) == 1.0 and len(labels) == 3
+    capsys.readouterr()
+    code, out = run(["sample", "--latent", str(lat), "--steps", "10"], tmp_path, "back")
+    assert code == 0 and "inverted with --guidance 1" in capsys.readouterr().out
+    back = load_file(out / "samples.safetensors")["images"]
+    handle = load_model("digits")
+    images, _ = handle.reference_images("heldout")
+    pick = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:3]]
+    round_trip = reconstruct(handle, pick, steps=10, condition=labels, progress=False)
+    assert torch.equal(back, round_trip["reconstruction"].to(torch.float32))
+    # --num keeps the recorded labels of the images it keeps
+    code, out = run(["sample", "--latent", str(lat), "--steps", "10", "--num", "2"], tmp_path, "two")
+    assert code == 0 and torch.equal(load_file(out / "samples.safetensors")["images"], back[:2])
+
+
+def test_cli_an_explicit_flag_overrides_the_record_with_a_note(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from test_cli import run
+    lat = tmp_path / "lat.safetensors"
+    assert run(["reconstruct", "--num", "2", "--steps", "4", "--source", "3", "--save-latent", str(lat)],
+               tmp_path, "rec")[0] == 0
+    capsys.readouterr()
+    code, recorded = run(["sample", "--latent", str(lat), "--steps", "4"], tmp_path, "a")
+    assert code == 0 and "note" not in capsys.readouterr().err
+    code, same = run(["sample", "--latent", str(lat), "--steps", "4", "--guidance", "1", "--target", "3"],
+                     tmp_path, "b")
+    assert code == 0 and "note" not in capsys.readouterr().err      # the same as recorded: nothing to say
+    code, other = run(["sample", "--latent", str(lat), "--steps", "4", "--guidance", "3"], tmp_path, "c")
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and len(notes) == 1 and "--guidance 3.0 overrides the latent's recorded 1.0" in notes[0]
+    images = {name: load_file(path / "samples.safetensors")["images"] for name, path in
+              (("recorded", recorded), ("same", same), ("other", other))}
+    assert torch.equal(images["recorded"], images["same"])
+    assert (images["recorded"] - images["other"]).abs().max() > 0.1
+
+
+def test_cli_refuses_a_bad_latent_file_in_one_line_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import belm.apps.models
+
+    from test_cli import _one_line_error, run
+    lat = tmp_path / "lat.safetensors"
+    latent = write(lat, "bitwise")
+    edit(lat, metadata={"x_bits": str(latent.lattice.x_bits + 1)})
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the latent file was checked")
+    monkeypatch.setattr(belm.apps.models, "load_model", no_model)
+    code, out = run(["sample", "--latent", str(lat), "--steps", "8"], tmp_path)
+    _one_line_error(capsys, code, "--latent", "field 'x_bits'", "changed")
+    assert not out.exists()

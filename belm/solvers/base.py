@@ -129,6 +129,17 @@ class Latent:
             changes["states"] = tuple(changes["states"])
         return dataclasses.replace(self, **changes)
 
+    def batch_slice(self, index: slice) -> "Latent":
+        """The latent of some of its images, ``index`` along the batch dimension (every
+        batch tensor of the latent alike, e.g. a lattice latent's residual too)."""
+        return self._map_tensors(lambda t: t[index])
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Latent":
+        """A copy with ``fn`` applied to the states and to every other tensor field."""
+        tensors = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, states=tuple(fn(s) for s in self.states), **tensors)
+
     def check_finite(self) -> None:
         """Raise :class:`~belm.errors.NonFiniteError` naming the first state holding NaN/Inf
         (a latent is a starting point: nothing downstream can tell its NaN from a blow-up)."""
@@ -209,6 +220,8 @@ class Latent:
         if kind not in Latent._kinds:
             file.bad("kind", f"unknown latent kind {kind!r}; known: {sorted(Latent._kinds)}")
         latent_cls = Latent._kinds[kind]
+        # First: a field changed after writing is named as such, whatever else it breaks.
+        file.check_digests()
         count = file.integer("num_states", 1, _MAX_STATES)
         names = [f"state_{i}" for i in range(count)]
         expected = set(names) | set(latent_cls._extra_tensors)
@@ -245,12 +258,7 @@ class Latent:
         fields = dict(states=states, level=file.integer("level", 0, _MAX_LEVEL), method=method,
                       schedule=schedule, dtype=_DTYPES[dtype_name], info=info)
         latent = latent_cls._from_saved(fields, file)
-        file.check_digests()
-        if torch.device(device) != first.device:
-            moved = {f.name: getattr(latent, f.name).to(device)
-                     for f in dataclasses.fields(latent) if isinstance(getattr(latent, f.name), torch.Tensor)}
-            latent = dataclasses.replace(latent, states=tuple(s.to(device) for s in latent.states), **moved)
-        return latent
+        return latent if torch.device(device) == first.device else latent._map_tensors(lambda t: t.to(device))
 
     #: tensors a file of this kind may hold besides state_i
     _extra_tensors: ClassVar[tuple[str, ...]] = ()
