@@ -351,6 +351,11 @@ class _LatentFile:
                 self.bad(name, "changed after the file was written (its sha256 does not match)")
 
 
+def device_supports_float64(device: torch.device | str) -> bool:
+    """Whether tensors on ``device`` can be float64 (Apple's MPS backend has none)."""
+    return torch.device(device).type != "mps"
+
+
 def check_tensor(x: Any, name: str) -> torch.Tensor:
     """Validate a user tensor: a finite floating-point torch.Tensor with a batch dimension."""
     if not isinstance(x, torch.Tensor):
@@ -374,7 +379,9 @@ class Sampler:
         schedule: the :class:`~belm.schedule.Schedule` to sample on.
         exact: ``"float"`` (default: exact up to float rounding) or ``"bitwise"`` (2-step
             methods: an integer lattice makes round trips exact bit for bit).
-        state_dtype: dtype of the state arithmetic (float64 by default); the network is
+        state_dtype: dtype of the state arithmetic; default (None): float64 where the input's
+            device has it, else float32 (Apple MPS; a warning says so once per sampler, and
+            ``exact="bitwise"`` keeps its int64 lattice there, still bit for bit); the network is
             called in the input's dtype (or ``model_dtype``).
         model_dtype: dtype in which eps_fn receives x; default: the input's dtype.
         progress: show a tqdm progress bar (``False`` to disable).
@@ -386,7 +393,7 @@ class Sampler:
     num_states: int = 1
 
     def __init__(self, eps_fn: EpsFn, schedule: Schedule, *, exact: str = "float",
-                 state_dtype: torch.dtype = torch.float64, model_dtype: Optional[torch.dtype] = None,
+                 state_dtype: Optional[torch.dtype] = None, model_dtype: Optional[torch.dtype] = None,
                  progress: bool = True, check_finite: bool = True) -> None:
         if not callable(eps_fn):
             raise TypeError(f"eps_fn must be callable as eps_fn(x, t); got {type(eps_fn).__name__}")
@@ -408,7 +415,8 @@ class Sampler:
         self.model_dtype = model_dtype
         self.progress = progress
         self.check_finite = check_finite
-        self._growth_checked = False
+        self._growth_checked: set[str] = set()     # the GrowthWarnings given: once each
+        self._float32_noted = False                # the float32 fallback said (state_dtype_for)
         self._model_times: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     supports_bitwise: bool = False
@@ -485,7 +493,29 @@ class Sampler:
 
     def _owned(self, x: torch.Tensor) -> torch.Tensor:
         """x in the state dtype, as a tensor nobody else holds (chains update in place)."""
-        return x.to(self.state_dtype, copy=True)
+        return x.to(self.state_dtype_for(x.device), copy=True)
+
+    def state_dtype_for(self, device: torch.device) -> torch.dtype:
+        """The state dtype on ``device``: ``state_dtype`` if given, else float64 where the
+        device supports it and float32 where it does not (said once per sampler).
+
+        Raises:
+            TypeError: ``state_dtype=torch.float64`` on a device without float64.
+        """
+        if self.state_dtype is not None:
+            if self.state_dtype == torch.float64 and not device_supports_float64(device):
+                raise TypeError(f"state_dtype=torch.float64: device {device} has no float64; pass "
+                                "state_dtype=torch.float32 (or leave it out: belm then chooses float32 there), or "
+                                "exact='bitwise' for bit-exact round trips")
+            return self.state_dtype
+        if device_supports_float64(device):
+            return torch.float64
+        if not self._float32_noted:
+            self._float32_noted = True
+            warnings.warn(f"device {device} has no float64: {self.name} keeps its state in state_dtype=float32 "
+                          "(round trips exact to float32 rounding, ~1e-6, not ~1e-14); pass state_dtype= to choose, or "
+                          "exact='bitwise' (int64 lattice) for bit-exact round trips", UserWarning, stacklevel=5)
+        return torch.float32
 
     # -- the two loops -----------------------------------------------------------------
     def sample(self, x: torch.Tensor | Latent, *, from_level: int = 0, callback: Optional[Callback] = None,
@@ -531,11 +561,16 @@ class Sampler:
             chain = self._run_inversion(self.chain_from_clean(x0), to_level, callback)
             return self.to_latent(chain, x0.dtype)
 
-    def _warn_about_growth(self) -> None:
-        """Methods with a parasitic mode warn once when this grid makes inversion amplify it."""
-        if not self._growth_checked:
-            self._growth_checked = True
-            check_inversion_growth(self, stacklevel=4)
+    def _warn_about_growth(self, why: str = "invert", stacklevel: int = 4) -> None:
+        """Methods with a parasitic mode warn once when this grid makes inversion amplify it.
+
+        ``why``: "invert" (an inversion), or "reversible" (sampling with grad="reversible",
+        whose backward pass recovers the states by inverting the chain); ``stacklevel``: that
+        of the user's call, counted from here.
+        """
+        if why not in self._growth_checked:
+            self._growth_checked.add(why)
+            check_inversion_growth(self, stacklevel=stacklevel, reversible=why == "reversible")
 
     def _reversible_sample(self, x: torch.Tensor | Latent, from_level: int,
                            callback: Optional[Callback]) -> torch.Tensor:

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from belm.errors import LatentMismatchError, LatticeOverflowError, NonFiniteError
+from belm.solvers import base
 from belm.solvers.base import Latent, _LatentFile
 from belm.solvers.chain import Network, SingleLevelChain
 from belm.solvers.relation import Relation
@@ -50,6 +51,8 @@ _F_BOUND = 16.0
 _ACCURACY_BITS = 20
 # |register| must stay below this (checked after every step, and in files).
 _REGISTER_LIMIT = 2**62
+# A residual holds the input's bits below the lattice: float64 (float32 on devices without it).
+_RESIDUAL_DTYPES = (torch.float64, torch.float32)
 # The lattice's fractional bits: 60 − ceil(log2(bound)) with 2 ≤ bound < 2^1024 (float64).
 _MIN_BITS, _MAX_BITS = _REGISTER_BITS - 1024, _REGISTER_BITS - 1
 
@@ -105,9 +108,10 @@ class LatticeLatent(Latent):
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale <= 0:
             raise ValueError(f"LatticeLatent.scale must be a finite number > 0; got {self.scale!r}")
         r, first = self.residual, self.states[0]
-        if r is not None and (not isinstance(r, torch.Tensor) or r.dtype != torch.float64
+        if r is not None and (not isinstance(r, torch.Tensor) or r.dtype not in _RESIDUAL_DTYPES
                               or r.shape != first.shape or r.device != first.device):
-            raise ValueError(f"LatticeLatent.residual must be None or a float64 tensor of the states' shape "
+            raise ValueError(f"LatticeLatent.residual must be None or a float64 (float32 where the device has no "
+                             f"float64) tensor of the states' shape "
                              f"{tuple(first.shape)} on {first.device}; got "
                              f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}"
                              f"{', ' + str(r.dtype) if isinstance(r, torch.Tensor) else ''}")
@@ -117,7 +121,7 @@ class LatticeLatent(Latent):
             raise NonFiniteError("latent.residual contains NaN or Inf; a latent from invert() is finite")
 
     def _noisiest(self) -> torch.Tensor:
-        return self.states[0].to(torch.float64) * (self.scale * self.lattice.x_scale)
+        return self.states[0].to(_work_dtype(self.states[0].device)) * (self.scale * self.lattice.x_scale)
 
     def _metadata(self) -> dict[str, str]:
         return {"x_bits": str(self.lattice.x_bits), "v_bits": str(self.lattice.v_bits),
@@ -140,7 +144,7 @@ class LatticeLatent(Latent):
         residual = file.tensor("residual", required=False)
         if residual is not None:
             shape = tuple(fields["states"][0].shape)
-            if residual.dtype != torch.float64 or tuple(residual.shape) != shape:
+            if residual.dtype not in _RESIDUAL_DTYPES or tuple(residual.shape) != shape:
                 file.bad("residual", f"shape {tuple(residual.shape)}, dtype {residual.dtype}; it must be float64 of "
                                      f"the states' shape {shape}")
             if not torch.isfinite(residual).all():
@@ -255,6 +259,11 @@ class LatticeRule:
                 f"(at most {self._x_bits(0.0)}): the latent's lattice was changed")
 
 
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the lattice's float arithmetic, float32 on a device without float64."""
+    return torch.float64 if base.device_supports_float64(device) else torch.float32
+
+
 def _to_lattice(value: torch.Tensor, scale: float, what: str, level: int) -> torch.Tensor:
     scaled = value / scale
     if not bool(torch.isfinite(scaled).all()) or float(scaled.abs().max()) >= _LIMIT:
@@ -279,12 +288,15 @@ class LatticeChain(SingleLevelChain):
                  V: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None) -> None:
         self.rule, self.network, self.lattice = rule, network, lattice
         self.level, self.Y, self.V, self.residual = level, Y, V, residual
+        # The float side of each shear: any deterministic rounding keeps the chain a bijection,
+        # so float32 where the device has no float64 (MPS) stays bit for bit.
+        self.work = _work_dtype(Y.device)
         self.last_f = None
 
     # -- seeds -------------------------------------------------------------------------
     @classmethod
     def from_noise(cls, rule: LatticeRule, network: Network, x: torch.Tensor, level: int) -> "LatticeChain":
-        y = x.detach().to(torch.float64) / rule.scale[level]
+        y = x.detach().to(_work_dtype(x.device)) / rule.scale[level]
         lattice = rule.lattice_for(float(y.abs().max()))
         chain = cls(rule, network, lattice, level, torch.round(y / lattice.x_scale).to(torch.int64), None)
         # The chain's first step is DDIM: the same shear with V_{s−1} = 0.
@@ -293,11 +305,12 @@ class LatticeChain(SingleLevelChain):
 
     @classmethod
     def from_clean(cls, rule: LatticeRule, network: Network, x0: torch.Tensor) -> "LatticeChain":
-        x0_64 = x0.detach().to(torch.float64)
-        lattice = rule.lattice_for(float(x0_64.abs().max()))
-        Y = torch.round(x0_64 / lattice.x_scale).to(torch.int64)
-        # Exact: x0's bits below 2^−x_bits fit in float64 and add back without rounding.
-        residual = x0_64 - Y.to(torch.float64) * lattice.x_scale
+        x0_w = x0.detach().to(_work_dtype(x0.device))
+        lattice = rule.lattice_for(float(x0_w.abs().max()))
+        Y = torch.round(x0_w / lattice.x_scale).to(torch.int64)
+        # Exact: x0's bits below 2^−x_bits fit in the work dtype (float64, or float32 where the
+        # input cannot be wider) and add back without rounding.
+        residual = x0_w - Y.to(x0_w.dtype) * lattice.x_scale
         return cls(rule, network, lattice, rule.N, Y, None, residual)
 
     @classmethod
@@ -313,7 +326,7 @@ class LatticeChain(SingleLevelChain):
     # -- the chain ---------------------------------------------------------------------
     def x(self, level: int) -> torch.Tensor:
         self._check_level(level)
-        out = self.Y.to(torch.float64) * (self.rule.scale[level] * self.lattice.x_scale)
+        out = self.Y.to(self.work) * (self.rule.scale[level] * self.lattice.x_scale)
         if level == self.rule.N and self.residual is not None:
             out = out + self.residual
         return out
@@ -323,16 +336,16 @@ class LatticeChain(SingleLevelChain):
 
     def _f(self, level: int) -> torch.Tensor:
         """f at x_level = scale · y: the network's input, identical in both directions."""
-        self.last_f = self.network(self.Y.to(torch.float64) * (self.rule.scale[level] * self.lattice.x_scale), level)
+        self.last_f = self.network(self.Y.to(self.work) * (self.rule.scale[level] * self.lattice.x_scale), level)
         return self.last_f
 
     def _v_increment(self, beta: float, f: torch.Tensor, level: int) -> torch.Tensor:
         """round(β · f / v_scale): a function of the Y register only (through f)."""
-        return _to_lattice(f.to(torch.float64) * beta, self.lattice.v_scale, "velocity", level)
+        return _to_lattice(f.to(self.work) * beta, self.lattice.v_scale, "velocity", level)
 
     def _y_increment(self, k: int) -> torch.Tensor:
         """round(w_k · V_k / x_scale): a function of the V register only."""
-        return _to_lattice(self.V.to(torch.float64) * (self.rule.w[k] * self.lattice.v_scale),
+        return _to_lattice(self.V.to(self.work) * (self.rule.w[k] * self.lattice.v_scale),
                            self.lattice.x_scale, "x", k)
 
     def advance(self) -> None:
