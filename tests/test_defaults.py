@@ -140,3 +140,12 @@ def test_reversible_sampling_warns_where_inversion_grows():
         s.sample(x, grad="autograd")            # autograd never inverts: nothing to say
     # what the warning is about (measured 1.1e-10 against 7.9e-14)
     assert _gradient_error("linspace") > 100 * _gradient_error("trailing")
+
+
+def test_a_float64_latent_file_loads_as_float32_on_a_device_without_float64(tmp_path, monkeypatch):
+    path = tmp_path / "lat.safetensors"
+    OBELM(eps, SCHED, progress=False).invert(X0).save(path)                     # float64 states
+    # torch's "meta" device plays MPS: float64 tensors cannot go there
+    monkeypatch.setattr(belm.solvers.base, "device_supports_float64", lambda d: torch.device(d).type != "meta")
+    loaded = belm.solvers.base.Latent.load(path, device="meta")
+    assert loaded.states[0].dtype == torch.float32 and loaded.states[0].device.type == "meta"

@@ -99,8 +99,13 @@ class Latent:
                     f"Latent.states[{i}] has shape {tuple(s.shape)}, dtype {s.dtype}, device {s.device}; "
                     f"states[0] has {tuple(first.shape)}, {first.dtype}, {first.device}: all states of a "
                     "latent must match (edit both tensors of a pair the same way)")
-        if isinstance(self.level, bool) or not isinstance(self.level, int) or self.level < 0:
+        try:
+            level = operator.index(self.level)
+        except TypeError:
+            level = -1
+        if isinstance(self.level, bool) or level < 0:
             raise ValueError(f"Latent.level must be an integer >= 0; got {self.level!r}")
+        object.__setattr__(self, "level", int(level))
         if self.dtype not in _DTYPES.values():
             raise TypeError(f"Latent.dtype must be one of {sorted(_DTYPES)}; got {self.dtype!r}")
         if not isinstance(self.info, Mapping) or not all(isinstance(k, str) and k and isinstance(v, str)
@@ -258,7 +263,12 @@ class Latent:
         fields = dict(states=states, level=file.integer("level", 0, _MAX_LEVEL), method=method,
                       schedule=schedule, dtype=_DTYPES[dtype_name], info=info)
         latent = latent_cls._from_saved(fields, file)
-        return latent if torch.device(device) == first.device else latent._map_tensors(lambda t: t.to(device))
+        if torch.device(device) == first.device:
+            return latent
+        # A device without float64 (MPS) gets float32, the state dtype its samplers use there.
+        narrow = not device_supports_float64(device)
+        return latent._map_tensors(lambda t: t.to(device=device, dtype=torch.float32 if narrow and
+                                                  t.dtype == torch.float64 else t.dtype))
 
     #: tensors a file of this kind may hold besides state_i
     _extra_tensors: ClassVar[tuple[str, ...]] = ()
