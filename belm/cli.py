@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sampling grid: linspace, leading, trailing, or config (the model's scheduler "
                             "config); default: belm's default for the sampler (printed). Flow models (digits-flow, "
                             "SD3, FLUX) have their own sigma grid: omit it")
-        p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale (1 = none)")
+        p.add_argument("--guidance", type=float, default=guidance,
+                       help="classifier-free guidance scale (1 = none)" + ("" if guidance is not None else
+                            "; default 3.0 (with --latent: the guidance it was inverted with, recorded in the file)"))
         p.add_argument("--gamma", type=float, default=None, help="BDIA's gamma in (0, 1] (--sampler bdia; "
                        "default 1.0)")
         p.add_argument("--p", type=float, default=None, help="EDICT's mixing p in (0, 1) (--sampler edict; "
@@ -151,11 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(p)
 
     p = sub.add_parser("sample", help="generate images from seeds", formatter_class=_Formatter)
-    common(p, num=None, guidance=3.0)
+    common(p, num=None, guidance=None)     # None: 3.0, or with --latent what the file records (see _latent_settings)
     p.add_argument("--target", default=None,
-                   help="class id (digits) or prompt (SD); default: all classes in turn. With --latent: the "
-                        "condition it was inverted with (reconstruct: --source, or the digits' labels as a "
-                        "comma list 3,1,4; edit: --target for the edit, --source for the original)")
+                   help="class id (digits) or prompt (SD); default: all classes in turn. With --latent: default "
+                        "the condition it was inverted with, recorded in the file (reconstruct: --source, or the "
+                        "digits' labels as a comma list 3,1,4; edit: --source); pass --target to change it "
+                        "(edit: the target)")
     p.add_argument("--latent", default=None, metavar="PATH",
                    help="sample from a latent saved by --save-latent (same --model, --sampler, --steps, --spacing "
                         "as its inversion; a mismatch is refused) instead of noise from seeds")
@@ -286,6 +289,48 @@ def _check_optimize(args: argparse.Namespace) -> None:
     _check_out(args)
 
 
+#: ``sample``'s guidance when neither --guidance nor a latent file says otherwise
+SAMPLE_GUIDANCE = 3.0
+#: what ``--save-latent`` records in the file's Latent.info, by sample's option
+LATENT_SETTINGS = (("guidance", "--guidance"), ("target", "--target"), ("negative_prompt", "--negative-prompt"))
+
+
+def _latent_settings(args: argparse.Namespace) -> None:
+    """``sample``: fill --guidance/--target/--negative-prompt left out (None) with what the
+    --latent file recorded at inversion (else --guidance 3.0); a flag given explicitly wins,
+    with a one-line note when it differs from the record. Reads (and checks) the file: a bad
+    one is refused here, before any model load. ``args.from_latent``: the settings taken from it;
+    ``args.latent_notes``: the notes, printed once sampling starts (an error stays one line)."""
+    if args.command != "sample":
+        return
+    recorded: dict[str, str] = {}
+    if args.latent is not None:
+        from belm.solvers.base import Latent
+        try:
+            recorded = Latent.load(args.latent).info
+        except (ValueError, OSError) as err:
+            raise CLIError(f"--latent {err}") from None
+    # A file written before the record has no "guidance": the old defaults, --target required.
+    inverted = {attr: recorded.get(attr) for attr, _ in LATENT_SETTINGS} if "guidance" in recorded else None
+    args.from_latent, args.latent_notes, used = set(), [], []
+    for attr, flag in LATENT_SETTINGS:
+        given = getattr(args, attr)
+        saved = None if inverted is None else inverted[attr]
+        if attr == "guidance" and saved is not None:
+            saved = float(saved)
+        if given is None:
+            setattr(args, attr, saved if saved is not None or attr != "guidance" else SAMPLE_GUIDANCE)
+            if saved is not None:
+                args.from_latent.add(attr)
+                used.append(f"{flag} {saved:g}" if attr == "guidance" else f"{flag} {saved!r}")
+        elif inverted is not None and given != saved:
+            args.latent_notes.append(f"belm sample: note: {flag} {given!r} overrides the latent's recorded "
+                                     f"{'none' if saved is None else repr(saved)}: the images will not reproduce "
+                                     "the inverted ones")
+    if used:
+        print(f"latent: inverted with {' '.join(used)} (recorded in the file; pass the flags to change them)")
+
+
 def _check(args: argparse.Namespace) -> None:
     from belm.apps.models import BUNDLED_MODELS
     if args.command == "optimize":
@@ -294,6 +339,7 @@ def _check(args: argparse.Namespace) -> None:
         _apply_index(args)      # the folder's settings, before anything is checked against them
     bundled = args.model in BUNDLED_MODELS
     _check_paths(args)
+    _latent_settings(args)
     if args.num is None and getattr(args, "latent", None) is None and args.command != "invert":
         args.num = 16
     if args.steps < 1:
@@ -565,18 +611,24 @@ def _save_latent(args: argparse.Namespace, model, latent, target: Any, guidance:
     from belm.apps.io import check_latent_path
     if check_latent_path(args.save_latent, getattr(args, "image", None) or []):   # again: the run took time
         print(f"belm: note: --save-latent {args.save_latent}: replacing the belm latent file there", file=sys.stderr)
-    latent.save(args.save_latent)
     if isinstance(target, (list, tuple)):
         target = ",".join(str(t) for t in target)
+    # What `sample --latent` needs besides the sampler's flags, in the terms of its options
+    # (see _latent_settings): the conditioning of the inversion.
+    info = {"guidance": repr(float(guidance))}
+    if target is not None:
+        info["target"] = str(target)
+    if getattr(args, "negative_prompt", None) is not None:
+        info["negative_prompt"] = args.negative_prompt
+    latent.replace(info=info).save(args.save_latent)
     line = [f"belm sample --model {args.model} --latent {args.save_latent} --sampler {args.sampler} "
             f"--steps {args.steps}"]
     for flag, value in (("--spacing", args.spacing), ("--gamma", args.gamma), ("--p", args.p)):
         if value is not None:
             line.append(f"{flag} {value}")
-    if target is not None:
-        line.append(f"--target {target!r}" if model.prompted else f"--target {target}")
-    print(f"latent: {args.save_latent} ({latent.states[0].shape[0]} images, level {latent.level}); sample it back "
-          f"with: {' '.join(line)} --guidance {guidance:g}")
+    print(f"latent: {args.save_latent} ({latent.states[0].shape[0]} images, level {latent.level}; guidance "
+          f"{guidance:g}{'' if target is None else f', condition {target!r}'} recorded); sample it back "
+          f"with: {' '.join(line)}")
     return {"path": args.save_latent, "images": int(latent.states[0].shape[0]), "level": latent.level,
             "method": latent.method, "inverted_with": target, "inversion_guidance": guidance}
 
@@ -710,7 +762,7 @@ def _latent_conditions(model, args):
     if args.target is None:
         if model.num_classes is not None:
             raise CLIError(f"--latent on the class-conditional {args.model} needs --target: the class id it was "
-                           "inverted with (one, or one per image as 3,1,4)")
+                           "inverted with (one, or one per image as 3,1,4); the file records none")
         return None
     if not model.prompted and "," in str(args.target):
         return [model.parse_condition(v.strip(), "--target") for v in str(args.target).split(",")]
@@ -726,12 +778,16 @@ def _sample_latent(args: argparse.Namespace, model) -> dict:
         if args.num > latent.states[0].shape[0]:
             raise CLIError(f"--num {args.num}: the latent holds {latent.states[0].shape[0]} images; pass at most that "
                            "or omit --num")
-        latent = latent.replace(states=[t[:args.num] for t in latent.states])
+        latent = latent.batch_slice(slice(0, args.num))
     condition = _latent_conditions(model, args)
     count = latent.states[0].shape[0]
+    if isinstance(condition, list) and "target" in args.from_latent:
+        condition = condition[:count]       # the recorded labels of the images kept
     if isinstance(condition, list) and len(condition) != count:
         raise CLIError(f"--target lists {len(condition)} class ids; the latent holds {count} images: give one, or "
                        "one per image")
+    for note in args.latent_notes:
+        print(note, file=sys.stderr)
     t0 = time.perf_counter()
     images = tasks.sample_latent(model, latent, sampler=args.sampler, steps=args.steps, condition=condition,
                                  guidance=args.guidance, batch_size=args.batch_size, progress=not args.no_progress,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BELMError", "NonFiniteError", "LatentMismatchError", "UnstableRuleError", "LatticeOverflowError", "GrowthWarning"]
+__all__ = ["BELMError", "NonFiniteError", "LatentMismatchError", "LatentFileError", "UnstableRuleError", "LatticeOverflowError", "GrowthWarning"]
 
 
 class BELMError(Exception):
@@ -20,6 +20,12 @@ class NonFiniteError(BELMError, ValueError):
 
 class LatentMismatchError(BELMError, ValueError):
     """A latent was given to a sampler whose method or schedule did not produce it."""
+
+
+class LatentFileError(BELMError, ValueError):
+    """A latent file that is not what :meth:`belm.Latent.save` wrote (a field missing,
+    malformed, out of range, inconsistent, or changed after writing); the message names
+    the file and the field."""
 
 
 class UnstableRuleError(BELMError, ValueError):

@@ -481,8 +481,15 @@ def test_latent_paths_are_checked_before_work(tmp_path, capsys, args, words):
 def test_sample_latent_of_the_conditional_digits_needs_its_condition(tmp_path, capsys):
     lat = tmp_path / "lat.safetensors"
     assert run(["reconstruct", "--num", "2", "--steps", "3", "--save-latent", str(lat)], tmp_path, "r")[0] == 0
-    assert "--target " in capsys.readouterr().out                 # the labels it was inverted with
-    code, _ = run(["sample", "--latent", str(lat), "--steps", "3"], tmp_path)
+    assert "condition '" in capsys.readouterr().out                # the labels it was inverted with
+    # a file written before latents recorded their condition (issue 20) needs --target
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    old = tmp_path / "old.safetensors"
+    with safe_open(str(lat), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if not k.startswith("info.") and k != "sha256"}
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(old), metadata=meta)
+    code, _ = run(["sample", "--latent", str(old), "--steps", "3"], tmp_path)
     _one_line_error(capsys, code, "--latent", "needs --target")
     code, _ = run(["sample", "--latent", str(lat), "--steps", "3", "--target", "1,2,3"], tmp_path)
     _one_line_error(capsys, code, "--target lists 3 class ids", "2 images")

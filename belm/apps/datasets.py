@@ -352,10 +352,9 @@ def invert_dataset(model: ModelHandle, plan: DatasetPlan, out: str | os.PathLike
         assert rows == list(plan.rows(k))
         parts = [invert_fn(images[i:i + step].to(model.unet.device)) for i in range(0, len(rows), step)]
         latent = _concat(parts)
-        tensors, metadata = latent.file_parts()
-        metadata.update(belm_dataset=fingerprint, belm_shard=str(k),
-                        belm_paths=json.dumps([plan.paths[i] for i in rows]),
-                        belm_inputs_sha256=json.dumps(digests), belm_content_sha256=tensor_digest(tensors))
+        tensors, metadata = latent.file_parts(extra=dict(
+            belm_dataset=fingerprint, belm_shard=str(k), belm_paths=json.dumps([plan.paths[i] for i in rows]),
+            belm_inputs_sha256=json.dumps(digests), belm_content_sha256=tensor_digest(latent.file_parts()[0])))
         atomic_write(out / shard_name(k), canonical_safetensors(tensors, metadata))
         images_done += len(rows)
         bar.update()

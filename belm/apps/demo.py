@@ -45,11 +45,11 @@ def convergence_table(Ns=(10, 20, 40, 80, 160), samplers=("ddim", "bdia", "edict
     gm = GaussianMixture.default()
     betas = make_betas("scaled_linear", 1000, 0.00085, 0.012)
     xT = torch.randn(batch, gm.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    exact = gm.ode_solution(xT, float(Schedule.from_betas(betas, Ns[0]).sigma_bar[0]))
+    exact = gm.ode_solution(xT, float(Schedule.from_betas(betas, Ns[0], "linspace").sigma_bar[0]))
     table: dict[str, list[float]] = {}
     for name in samplers:
         for N in Ns:
-            sched = Schedule.from_betas(betas, N)
+            sched = Schedule.from_betas(betas, N, "linspace")
             out = make_sampler(name, gm.eps_fn(sched.alphas_cumprod), sched, progress=False).sample(xT)
             table.setdefault(name, []).append(float(((out - exact) ** 2).mean().sqrt()))
     return table

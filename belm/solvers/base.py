@@ -14,17 +14,18 @@ import hashlib
 import math
 import operator
 import os
+import re
 import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, NoReturn, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from belm._files import write_atomically
-from belm.errors import LatentMismatchError, NonFiniteError
+from belm.errors import LatentFileError, LatentMismatchError, NonFiniteError
 from belm.schedule import Schedule
 from belm.solvers.chain import Chain, Network
 from belm.solvers.growth import check_inversion_growth
@@ -38,6 +39,8 @@ Callback = Callable[[dict], None]
 GRAD_MODES = (None, "autograd", "reversible")
 
 _FORMAT = "belm-latent/1"
+_DIGEST_KEY = "sha256"       # metadata entry: "field=hex;..." over every other field (see Latent.load)
+_INFO_PREFIX = "info."       # metadata entries of Latent.info
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 # Tensors handed out by Latent.x, by id: sampling one of them alone loses the rest of the latent.
@@ -67,13 +70,16 @@ class Latent:
     """The exact state of an inverted chain at one level.
 
     Attributes:
-        states: tensors, noisiest first. 2-step methods hold (x_level, x_{level+1}); k-step
-            methods k states; EDICT its (x, y) registers; DDIM the single x_level.
+        states: tensors, noisiest first, all of one shape (B, ...) with B >= 1. 2-step
+            methods hold (x_level, x_{level+1}); k-step methods k states; EDICT its (x, y)
+            registers; DDIM the single x_level.
         level: the level of ``states[0]`` (0 for a full inversion).
         method: exact identity of the method that produced it, e.g. ``"BDIA(gamma=0.5)"``
             (parameters as ``repr`` of the float, which round-trips every bit).
         schedule: fingerprint of the schedule it belongs to.
         dtype: dtype of the original input; :attr:`x` and sampling outputs come back in it.
+        info: free-form notes saved with the file, str -> str (the CLI records the guidance
+            and condition of the inversion here); not part of the latent's identity.
     """
 
     states: tuple[torch.Tensor, ...]
@@ -81,25 +87,50 @@ class Latent:
     method: str
     schedule: str
     dtype: torch.dtype
+    info: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     #: subclasses by ``kind``, for :meth:`load`
     _kinds: ClassVar[dict[str, type["Latent"]]] = {}
     kind: ClassVar[str] = "float"
+    #: dtypes a state of this kind may have
+    state_dtypes: ClassVar[tuple[torch.dtype, ...]] = tuple(_DTYPES.values())
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         Latent._kinds[cls.kind] = cls
 
     def __post_init__(self) -> None:
-        if not self.states or not all(isinstance(s, torch.Tensor) for s in self.states):
+        if isinstance(self.states, list):
+            object.__setattr__(self, "states", tuple(self.states))
+        if not isinstance(self.states, tuple) or not self.states \
+                or not all(isinstance(s, torch.Tensor) for s in self.states):
             raise TypeError("Latent.states must be a non-empty tuple of tensors")
         first = self.states[0]
+        if first.ndim < 1 or first.shape[0] < 1:
+            raise ValueError(f"Latent.states[0] has shape {tuple(first.shape)}; a latent holds a batch (B, ...) "
+                             "with B >= 1")
+        if first.dtype not in self.state_dtypes:
+            raise TypeError(f"Latent.states[0] has dtype {first.dtype}; a {self.kind!r} latent holds "
+                            f"{', '.join(str(d) for d in self.state_dtypes)} states")
         for i, s in enumerate(self.states[1:], start=1):
             if s.shape != first.shape or s.dtype != first.dtype or s.device != first.device:
                 raise ValueError(
                     f"Latent.states[{i}] has shape {tuple(s.shape)}, dtype {s.dtype}, device {s.device}; "
                     f"states[0] has {tuple(first.shape)}, {first.dtype}, {first.device}: all states of a "
                     "latent must match (edit both tensors of a pair the same way)")
+        try:
+            level = operator.index(self.level)
+        except TypeError:
+            level = -1
+        if isinstance(self.level, bool) or level < 0:
+            raise ValueError(f"Latent.level must be an integer >= 0; got {self.level!r}")
+        object.__setattr__(self, "level", int(level))
+        if self.dtype not in _DTYPES.values():
+            raise TypeError(f"Latent.dtype must be one of {sorted(_DTYPES)}; got {self.dtype!r}")
+        if not isinstance(self.info, Mapping) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                         for k, v in self.info.items()):
+            raise TypeError("Latent.info must map non-empty str keys to str values")
+        object.__setattr__(self, "info", dict(self.info))   # a copy: the latent stays frozen
 
     @property
     def x(self) -> torch.Tensor:
@@ -125,6 +156,25 @@ class Latent:
             changes["states"] = tuple(changes["states"])
         return dataclasses.replace(self, **changes)
 
+    def batch_slice(self, index: slice) -> "Latent":
+        """The latent of some of its images, ``index`` along the batch dimension (every
+        batch tensor of the latent alike, e.g. a lattice latent's residual too)."""
+        return self._map_tensors(lambda t: t[index])
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Latent":
+        """A copy with ``fn`` applied to the states and to every other tensor field."""
+        tensors = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, states=tuple(fn(s) for s in self.states), **tensors)
+
+    def check_finite(self) -> None:
+        """Raise :class:`~belm.errors.NonFiniteError` naming the first state holding NaN/Inf
+        (a latent is a starting point: nothing downstream can tell its NaN from a blow-up)."""
+        for i, s in enumerate(self.states):
+            if s.is_floating_point() and not torch.isfinite(s).all():
+                raise NonFiniteError(f"latent.states[{i}] contains NaN or Inf; a latent from invert() is finite: "
+                                     "it was changed afterwards (e.g. an edit that divided by zero)")
+
     # -- files -------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str]:
         return {}
@@ -132,18 +182,22 @@ class Latent:
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def file_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def file_parts(self, extra: Optional[Mapping[str, str]] = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The named tensors (CPU, contiguous) and the string metadata that :meth:`save` writes and
-        :meth:`load` reads back; for writers that add metadata of their own (dataset shards)."""
+        :meth:`load` reads back, with the sha256 record of every field. ``extra``: metadata of a
+        writer's own (dataset shards), covered by that record too, so that load accepts it."""
         tensors = {f"state_{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.states)}
         tensors.update({k: v.detach().cpu().contiguous() for k, v in self._tensors().items()})
         metadata = {"format": _FORMAT, "kind": self.kind, "method": self.method, "schedule": self.schedule,
                     "level": str(self.level), "dtype": str(self.dtype).replace("torch.", ""),
-                    "num_states": str(len(self.states)), **self._metadata()}
+                    "num_states": str(len(self.states)), **self._metadata(),
+                    **{_INFO_PREFIX + k: v for k, v in self.info.items()}, **(extra or {})}
+        metadata[_DIGEST_KEY] = _format_digests(_field_digests(metadata, tensors))
         return tensors, metadata
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the latent to ``path`` (safetensors; identity and dtype in its metadata).
+        """Write the latent to ``path`` (safetensors; identity, dtype and :attr:`info` in its
+        metadata, with a sha256 digest of every field that :meth:`load` checks).
 
         The file appears only when complete (written beside it, then renamed).
         """
@@ -160,39 +214,179 @@ class Latent:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "Latent":
-        """Read a latent written by :meth:`save` (no code is evaluated: safetensors + JSON-free strings)."""
+        """Read a latent written by :meth:`save` (no code is evaluated: safetensors + plain strings).
+
+        Every field is checked before use: the states' count, shape (B, ...) with B >= 1,
+        dtype and finiteness; level, dtype, method (consistent with the kind) and schedule
+        fingerprint; a lattice latent's formats, scale and residual (see
+        :class:`~belm.solvers.bitwise.LatticeLatent`). Files written since the digest was
+        introduced also carry a sha256 per field, which protects what no check can derive
+        (e.g. a lattice's ``x_bits``): a field changed after writing is refused by name.
+        Files without it load, checked field by field. What depends on the sampler (method,
+        schedule, level range, number of states, the lattice's scale) is checked when sampling.
+
+        Raises:
+            FileNotFoundError: no such file.
+            LatentFileError: anything else wrong with the file (one line naming the field).
+        """
         from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"latent file {str(path)!r} does not exist")
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                metadata = f.metadata() or {}
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"{str(path)!r} is not a safetensors file written by Latent.save ({exc})") from None
+            raise LatentFileError(f"{str(path)!r} is not a safetensors file written by Latent.save ({exc})") from None
+        file = _LatentFile(path, metadata, tensors)
         if metadata.get("format") != _FORMAT:
-            raise ValueError(f"{str(path)!r} is not a belm latent (metadata format {metadata.get('format')!r}, "
-                             f"expected {_FORMAT!r})")
-        kind = metadata.get("kind", "")
+            raise LatentFileError(f"{str(path)!r} is not a belm latent (metadata format {metadata.get('format')!r}, "
+                                  f"expected {_FORMAT!r})")
+        kind = file.text("kind")
         if kind not in Latent._kinds:
-            raise ValueError(f"{str(path)!r}: unknown latent kind {kind!r}; known: {sorted(Latent._kinds)}")
-        try:
-            count = int(metadata["num_states"])
-            states = tuple(tensors.pop(f"state_{i}") for i in range(count))
-            fields = dict(states=states, level=int(metadata["level"]), method=metadata["method"],
-                          schedule=metadata["schedule"], dtype=_DTYPES[metadata["dtype"]])
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{str(path)!r}: incomplete latent metadata ({exc!r})") from None
-        return Latent._kinds[kind]._from_saved(fields, metadata, tensors)
+            file.bad("kind", f"unknown latent kind {kind!r}; known: {sorted(Latent._kinds)}")
+        latent_cls = Latent._kinds[kind]
+        # First: a field changed after writing is named as such, whatever else it breaks.
+        file.check_digests()
+        count = file.integer("num_states", 1, _MAX_STATES)
+        names = [f"state_{i}" for i in range(count)]
+        expected = set(names) | set(latent_cls._extra_tensors)
+        for name in sorted(tensors):
+            if name not in expected:
+                file.bad(name, f"unexpected tensor (num_states = {count}; a {kind!r} latent holds "
+                               f"{', '.join(sorted(expected))})")
+        states = tuple(file.tensor(name) for name in names)
+        first = states[0]
+        if first.ndim < 1 or first.shape[0] < 1:
+            file.bad("state_0", f"shape {tuple(first.shape)}; a latent holds a batch (B, ...) with B >= 1")
+        for name, s in zip(names, states):
+            if s.dtype not in latent_cls.state_dtypes:
+                file.bad(name, f"dtype {s.dtype}; a {kind!r} latent holds "
+                               f"{', '.join(str(d) for d in latent_cls.state_dtypes)} states")
+            if s.shape != first.shape or s.dtype != first.dtype:
+                file.bad(name, f"shape {tuple(s.shape)}, dtype {s.dtype}; state_0 has {tuple(first.shape)}, "
+                               f"{first.dtype}: all states must match")
+            if s.is_floating_point() and not torch.isfinite(s).all():
+                file.bad(name, "contains NaN or Inf; a latent written by belm is finite")
+        dtype_name = file.text("dtype")
+        if dtype_name not in _DTYPES:
+            file.bad("dtype", f"{dtype_name!r} is not one of {sorted(_DTYPES)}")
+        method = file.text("method")
+        if not _METHOD.fullmatch(method):
+            file.bad("method", f"{method!r} is not a method identity such as 'OBELM' or 'BDIA(gamma=0.5)'")
+        suffix = latent_cls._method_suffix
+        if (suffix and not method.endswith(suffix)) or (not suffix and "[exact=" in method):
+            file.bad("method", f"{method!r} does not match the latent's kind {kind!r}")
+        schedule = file.text("schedule")
+        if not _FINGERPRINT.fullmatch(schedule):
+            file.bad("schedule", f"{schedule!r} is not a schedule fingerprint (12 hex digits)")
+        info = {k[len(_INFO_PREFIX):]: v for k, v in metadata.items() if k.startswith(_INFO_PREFIX)}
+        fields = dict(states=states, level=file.integer("level", 0, _MAX_LEVEL), method=method,
+                      schedule=schedule, dtype=_DTYPES[dtype_name], info=info)
+        latent = latent_cls._from_saved(fields, file)
+        if torch.device(device) == first.device:
+            return latent
+        # A device without float64 (MPS) gets float32, the state dtype its samplers use there.
+        narrow = not device_supports_float64(device)
+        return latent._map_tensors(lambda t: t.to(device=device, dtype=torch.float32 if narrow and
+                                                  t.dtype == torch.float64 else t.dtype))
+
+    #: tensors a file of this kind may hold besides state_i
+    _extra_tensors: ClassVar[tuple[str, ...]] = ()
+    #: what the method identity of this kind ends with ('' for plain float latents)
+    _method_suffix: ClassVar[str] = ""
 
     @classmethod
-    def _from_saved(cls, fields: dict, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> "Latent":
+    def _from_saved(cls, fields: dict, file: "_LatentFile") -> "Latent":
+        """The latent of a file whose common fields are checked (``fields``); subclasses
+        read and check their own fields from ``file``."""
         return cls(**fields)
 
 
 Latent._kinds[Latent.kind] = Latent
+
+# A bound for the integer fields of a file, far beyond any real grid: a file claiming more is corrupt.
+_MAX_STATES = 64
+_MAX_LEVEL = 10**7
+_METHOD = re.compile(r"[A-Za-z_][^\x00-\x1f\x7f]{0,499}")   # a printable name, e.g. BELM[belm(k=3,order=2)]
+_FINGERPRINT = re.compile(r"[0-9a-f]{12}")
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The exact bytes of a tensor with its dtype and shape (so a reshape changes the digest)."""
+    header = f"{str(t.dtype)}{tuple(t.shape)}".encode()
+    return header + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _field_digests(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """sha256 of every metadata entry (but the digest record) and every tensor, by field name."""
+    out = {}
+    for key, value in metadata.items():
+        if key != _DIGEST_KEY:
+            out[key] = hashlib.sha256(b"metadata\0" + key.encode() + b"\0" + value.encode()).hexdigest()
+    for key, t in tensors.items():
+        out[key] = hashlib.sha256(b"tensor\0" + key.encode() + b"\0" + _tensor_bytes(t)).hexdigest()
+    return out
+
+
+def _format_digests(digests: Mapping[str, str]) -> str:
+    return ";".join(f"{k}={v}" for k, v in sorted(digests.items()))
+
+
+class _LatentFile:
+    """The raw fields of a latent file; every accessor checks one field and names it when bad."""
+
+    def __init__(self, path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+        self.path, self.metadata, self.tensors = path, metadata, tensors
+
+    def bad(self, field: str, message: str) -> "NoReturn":
+        raise LatentFileError(f"latent file {str(self.path)!r}: field {field!r}: {message}. The file is not as "
+                              "Latent.save wrote it; invert the input again")
+
+    def text(self, key: str) -> str:
+        if key not in self.metadata:
+            self.bad(key, "missing from the metadata")
+        return self.metadata[key]
+
+    def integer(self, key: str, lo: int, hi: int) -> int:
+        raw = self.text(key)
+        if not re.fullmatch(r"-?[0-9]{1,12}", raw) or not lo <= int(raw) <= hi:
+            self.bad(key, f"{raw!r} is not an integer in [{lo}, {hi}]")
+        return int(raw)
+
+    def tensor(self, name: str, required: bool = True) -> Optional[torch.Tensor]:
+        if name not in self.tensors:
+            if required:
+                self.bad(name, "tensor missing")
+            return None
+        return self.tensors[name]
+
+    def check_digests(self) -> None:
+        """Compare each field with the sha256 recorded when it was written (if the file has them)."""
+        record = self.metadata.get(_DIGEST_KEY)
+        if record is None:
+            return      # written before digests: checked field by field only
+        recorded: dict[str, str] = {}
+        for entry in record.split(";"):
+            name, sep, value = entry.partition("=")
+            if not sep or not re.fullmatch(r"[0-9a-f]{64}", value):
+                self.bad(_DIGEST_KEY, f"malformed entry {entry[:40]!r}")
+            recorded[name] = value
+        actual = _field_digests(self.metadata, self.tensors)
+        for name in sorted(set(recorded) | set(actual)):
+            if name not in actual:
+                self.bad(name, "missing, but the file's sha256 record lists it")
+            if name not in recorded:
+                self.bad(name, "added after the file was written (not in its sha256 record)")
+            if recorded[name] != actual[name]:
+                self.bad(name, "changed after the file was written (its sha256 does not match)")
+
+
+def device_supports_float64(device: torch.device | str) -> bool:
+    """Whether tensors on ``device`` can be float64 (Apple's MPS backend has none)."""
+    return torch.device(device).type != "mps"
 
 
 def check_tensor(x: Any, name: str) -> torch.Tensor:
@@ -218,7 +412,9 @@ class Sampler:
         schedule: the :class:`~belm.schedule.Schedule` to sample on.
         exact: ``"float"`` (default: exact up to float rounding) or ``"bitwise"`` (2-step
             methods: an integer lattice makes round trips exact bit for bit).
-        state_dtype: dtype of the state arithmetic (float64 by default); the network is
+        state_dtype: dtype of the state arithmetic; default (None): float64 where the input's
+            device has it, else float32 (Apple MPS; a warning says so once per sampler, and
+            ``exact="bitwise"`` keeps its int64 lattice there, still bit for bit); the network is
             called in the input's dtype (or ``model_dtype``).
         model_dtype: dtype in which eps_fn receives x; default: the input's dtype.
         progress: show a tqdm progress bar (``False`` to disable).
@@ -230,7 +426,7 @@ class Sampler:
     num_states: int = 1
 
     def __init__(self, eps_fn: EpsFn, schedule: Schedule, *, exact: str = "float",
-                 state_dtype: torch.dtype = torch.float64, model_dtype: Optional[torch.dtype] = None,
+                 state_dtype: Optional[torch.dtype] = None, model_dtype: Optional[torch.dtype] = None,
                  progress: bool = True, check_finite: bool = True) -> None:
         if not callable(eps_fn):
             raise TypeError(f"eps_fn must be callable as eps_fn(x, t); got {type(eps_fn).__name__}")
@@ -252,7 +448,8 @@ class Sampler:
         self.model_dtype = model_dtype
         self.progress = progress
         self.check_finite = check_finite
-        self._growth_checked = False
+        self._growth_checked: set[str] = set()     # the GrowthWarnings given: once each
+        self._float32_noted = False                # the float32 fallback said (state_dtype_for)
         self._model_times: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     supports_bitwise: bool = False
@@ -292,6 +489,7 @@ class Sampler:
                 f"latent was produced on a different schedule (fingerprint {latent.schedule}) than this sampler's "
                 f"{self.schedule!r} (fingerprint {self.schedule.fingerprint}); sample it with the schedule used for "
                 "inversion")
+        latent.check_finite()
         if not 0 <= latent.level <= self.schedule.num_steps:
             raise ValueError(f"latent.level={latent.level} is outside [0, {self.schedule.num_steps}]")
         expected = min(self.num_states, self.schedule.num_steps - latent.level + 1)
@@ -328,7 +526,29 @@ class Sampler:
 
     def _owned(self, x: torch.Tensor) -> torch.Tensor:
         """x in the state dtype, as a tensor nobody else holds (chains update in place)."""
-        return x.to(self.state_dtype, copy=True)
+        return x.to(self.state_dtype_for(x.device), copy=True)
+
+    def state_dtype_for(self, device: torch.device) -> torch.dtype:
+        """The state dtype on ``device``: ``state_dtype`` if given, else float64 where the
+        device supports it and float32 where it does not (said once per sampler).
+
+        Raises:
+            TypeError: ``state_dtype=torch.float64`` on a device without float64.
+        """
+        if self.state_dtype is not None:
+            if self.state_dtype == torch.float64 and not device_supports_float64(device):
+                raise TypeError(f"state_dtype=torch.float64: device {device} has no float64; pass "
+                                "state_dtype=torch.float32 (or leave it out: belm then chooses float32 there), or "
+                                "exact='bitwise' for bit-exact round trips")
+            return self.state_dtype
+        if device_supports_float64(device):
+            return torch.float64
+        if not self._float32_noted:
+            self._float32_noted = True
+            warnings.warn(f"device {device} has no float64: {self.name} keeps its state in state_dtype=float32 "
+                          "(round trips exact to float32 rounding, ~1e-6, not ~1e-14); pass state_dtype= to choose, or "
+                          "exact='bitwise' (int64 lattice) for bit-exact round trips", UserWarning, stacklevel=5)
+        return torch.float32
 
     # -- the two loops -----------------------------------------------------------------
     def sample(self, x: torch.Tensor | Latent, *, from_level: int = 0, callback: Optional[Callback] = None,
@@ -374,11 +594,16 @@ class Sampler:
             chain = self._run_inversion(self.chain_from_clean(x0), to_level, callback)
             return self.to_latent(chain, x0.dtype)
 
-    def _warn_about_growth(self) -> None:
-        """Methods with a parasitic mode warn once when this grid makes inversion amplify it."""
-        if not self._growth_checked:
-            self._growth_checked = True
-            check_inversion_growth(self, stacklevel=4)
+    def _warn_about_growth(self, why: str = "invert", stacklevel: int = 4) -> None:
+        """Methods with a parasitic mode warn once when this grid makes inversion amplify it.
+
+        ``why``: "invert" (an inversion), or "reversible" (sampling with grad="reversible",
+        whose backward pass recovers the states by inverting the chain); ``stacklevel``: that
+        of the user's call, counted from here.
+        """
+        if why not in self._growth_checked:
+            self._growth_checked.add(why)
+            check_inversion_growth(self, stacklevel=stacklevel, reversible=why == "reversible")
 
     def _reversible_sample(self, x: torch.Tensor | Latent, from_level: int,
                            callback: Optional[Callback]) -> torch.Tensor:

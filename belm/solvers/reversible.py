@@ -317,11 +317,14 @@ class ReversibleMixin:
     def _reversible_apply(self: Any, direction: str, level: int, callback: Optional[Callback],
                           latent: Optional[Latent], inputs: tuple[torch.Tensor, ...], probe_x: torch.Tensor,
                           dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        # Sampling's backward pass inverts the chain (and an inversion is one): warn once when
+        # this grid makes that amplify the parasitic mode. Stack: user → sample/invert → _reversible_* → here.
+        self._warn_about_growth("reversible" if direction == "sample" else "invert", stacklevel=6)
         network = self.network(self.model_dtype or dtype)
         # One evaluation with autograd on finds the parameters the network uses.
         probe_level = self.schedule.num_steps if direction == "invert" else level
         with torch.enable_grad():
-            params = [p for p in network_leaves(network(probe_x.detach().to(self.state_dtype), probe_level))
+            params = [p for p in network_leaves(network(probe_x.detach().to(self.state_dtype_for(probe_x.device)), probe_level))
                       if p.is_floating_point()]
         plan = _Plan(self, direction, level, callback, latent, len(inputs), network)
         return _ReversibleFunction.apply(plan, *inputs, *params)
