@@ -53,10 +53,7 @@ _LATENT_X_KEPT = 32
 
 def _digest(x: torch.Tensor) -> bytes:
     """Digest of a tensor's shape, dtype and bytes (equal digests: equal tensors)."""
-    data = x.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy()
-    h = hashlib.blake2b(repr((tuple(x.shape), x.dtype)).encode(), digest_size=16)
-    h.update(data.tobytes())
-    return h.digest()
+    return hashlib.blake2b(_tensor_bytes(x), digest_size=16).digest()
 
 
 def latent_x_method(x: torch.Tensor) -> Optional[str]:
