@@ -3,7 +3,9 @@
 Every command validates its arguments before any work, writes its pictures and a strict-JSON
 ``summary.json`` (the run's settings included) into ``--out`` only when it succeeds
 (nothing half-written, nothing stale from an earlier run), prints a short table, and exits
-with status 2 and a one-line message on bad input (``--debug`` for a traceback).
+with status 2 and a one-line message on bad input, checked before the model load wherever the
+arguments or the model folder's files decide (``--debug`` for a traceback); Ctrl-C is one line
+and status 130, an unexpected failure one line and status 1.
 
 Threads: torch's CPU thread count is pinned by ``--threads`` (default: ``$BELM_THREADS``,
 else ``$OMP_NUM_THREADS``, else 1). One thread cannot collapse when other processes share
@@ -337,8 +339,9 @@ def _check_steps(args: argparse.Namespace) -> None:
     stand_in = Schedule.from_betas(np.linspace(1e-4, 0.02, 1000), 8, spacing="trailing")
     sampler = make_sampler(args.sampler, lambda x, t: x, stand_in, progress=False, **_sampler_options(args))
     if isinstance(sampler, MultistepSampler) and args.steps < sampler.num_states:
+        ddim = " (or --sampler ddim)" if args.command != "optimize" else ""
         raise CLIError(f"--steps {args.steps}: --sampler {args.sampler} couples {sampler.num_states} states and needs "
-                       f"--steps >= {sampler.num_states}; use more steps or --sampler ddim")
+                       f"--steps >= {sampler.num_states}{ddim}")
     config = _scheduler_config(args)
     if config is not None and not _is_flow(args, config):
         train = int(config.get("num_train_timesteps") or 1000)
@@ -470,6 +473,8 @@ def _check(args: argparse.Namespace) -> None:
     for path in getattr(args, "image", None) or []:
         if not os.path.isfile(path):
             raise CLIError(f"--image {path}: no such file")
+    if args.command == "interpolate" and args.num < 2:
+        raise CLIError(f"--num must be >= 2 for interpolate (its frames include both ends); got {args.num}")
     if args.command == "interpolate" and args.image and len(args.image) != 2:
         raise CLIError(f"--image must be given exactly twice for interpolate; got {len(args.image)}")
     if args.command == "fd":
