@@ -114,7 +114,7 @@ def check_folder_files(folder: Path) -> None:
             if not name.startswith("_") and isinstance(entry, list) and entry and entry[0] not in _LIBRARIES:
                 raise ValueError(f"{str(index)!r}: component {name!r} comes from {entry[0]!r}, custom code which "
                                  "belm never runs (only diffusers' and transformers' classes are loaded)")
-    for sub in [folder] + sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(sub.iterdir()):
             if path.suffix == ".py":
                 raise ValueError(f"{str(path)!r} is Python code in the model folder: belm never runs code shipped "
