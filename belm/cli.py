@@ -1005,7 +1005,7 @@ def _growth_line(message: str, args: argparse.Namespace) -> str:
         return _one_line(message)
     method, steps, last, factor = head.groups()
     rest = message[head.end():]
-    spacing = args.spacing or f"{default_spacing(args.sampler)} (default)"
+    spacing = getattr(args, "spacing", None) or f"{default_spacing(args.sampler)} (default)"   # optimize has none
     helps = re.search(r"growth (\S+?) there", rest)
     useless = re.search(r"does not help here \(growth (\S+?)\)", rest)
     if "p^-2N" in rest:       # EDICT: its p-coupling grows with the number of steps

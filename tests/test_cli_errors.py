@@ -250,6 +250,34 @@ def test_growth_warning_is_one_line_in_cli_terms(tmp_path):
         assert python_term not in line, line
 
 
+@pytest.mark.parametrize("sampler, spacing, steps, fix", [
+    ("obelm", "linspace", 10, "use --spacing trailing (growth"),
+    ("edict", "trailing", 100, "use fewer --steps, a --p closer to 1"),
+])
+def test_growth_line_of_every_command(sampler, spacing, steps, fix):
+    """The line for each kind of fix, also for optimize (which has no --spacing option)."""
+    import argparse
+    import warnings
+
+    from belm.cli import _growth_line
+    from belm.errors import GrowthWarning
+    from belm.models import load_digits_unet
+    from belm.schedule import Schedule
+    from belm.solvers.growth import check_inversion_growth
+    from belm.solvers.registry import make_sampler
+    _, scheduler = load_digits_unet()
+    s = make_sampler(sampler, lambda x, t: x, Schedule.from_diffusers(scheduler, steps, spacing=spacing), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_inversion_growth(s)
+    message = str(next(w.message for w in caught if issubclass(w.category, GrowthWarning)))
+    for args in (argparse.Namespace(command="edit", sampler=sampler, spacing=spacing),
+                 argparse.Namespace(command="optimize", sampler=sampler)):
+        line = _growth_line(message, args)
+        assert f"--steps {steps}" in line and fix in line and "\n" not in line, line
+        assert "Schedule.from_diffusers" not in line and "spacing='" not in line, line
+
+
 # -- item 11 and the rest: whatever fails inside the run is one line ---------------------------------
 @pytest.mark.parametrize("exc, code", [
     (ValueError("check the rule's formulas\nsecond line"), 2),
