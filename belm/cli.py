@@ -373,8 +373,9 @@ def _check_heldout(args: argparse.Namespace, label: Optional[int] = None) -> Non
     """--num held-out digits (of class ``label``) must exist: the bundled models' images when no
     --image is given (reconstruct, edit, optimize)."""
     from belm.apps.models import BUNDLED_MODELS
-    if args.model not in BUNDLED_MODELS or getattr(args, "image", None):
-        return
+    if args.model not in BUNDLED_MODELS or getattr(args, "image", None) or getattr(args, "latents", None) \
+            or args.num is None:
+        return     # the images come from files (--image, a --latents folder), not the held-out set
     from belm.models import digits_dataset
     _, labels = digits_dataset("heldout")
     available = int((labels == label).sum()) if label is not None else len(labels)
@@ -416,8 +417,9 @@ def _check_sizes(args: argparse.Namespace) -> None:
     samples.safetensors (4-byte pixels), on the disk of --out. Bounds below the real need:
     what exceeds them cannot succeed."""
     from belm.apps.models import image_shape
-    if args.command not in ("fd", "interpolate", "sample") or getattr(args, "latent", None):
-        return
+    if args.command not in ("fd", "interpolate", "sample") or getattr(args, "latent", None) \
+            or getattr(args, "latents", None):
+        return       # sampling saved latents: their count is the file's (folder's), checked when read
     C, H, W = image_shape(args.model, getattr(args, "model_kind", None))
     need = args.num * C * H * W * 4
     what = f"{args.num} float32 {C}x{H}x{W} images: {_gib(need)}"
@@ -514,7 +516,8 @@ def _check(args: argparse.Namespace) -> None:
                     raise CLIError(f"--{arg} must be a class id in [0, {NUM_CLASSES - 1}] for --model {args.model}; "
                                    f"got {value!r}")
         if args.command in ("reconstruct", "edit"):
-            _check_heldout(args, label=int(args.source) if args.command == "edit" else None)
+            _check_heldout(args, label=int(args.source) if args.command == "edit" and args.source is not None
+                           else None)
     _check_steps(args)
     _check_out(args)
     _check_sizes(args)
