@@ -1020,9 +1020,12 @@ def _growth_line(message: str, args: argparse.Namespace) -> str:
               "--gamma 1"
     else:
         fix = "use more --steps, or --sampler obelm or bdia --gamma 1"
+    effect = ("the gradients, which recover the chain's states by inverting it, carry that growth times float "
+              "rounding") if "grad='reversible'" in rest else \
+        "the inverted latents are exact but not noise-like, so edits and interpolations degrade (reconstruction " \
+        "stays exact)"
     return (f"{method} on this grid (--steps {steps}, --spacing {spacing}: last timestep {last}) multiplies the "
-            f"parasitic mode by {factor} when inverting: the inverted latents are exact but not noise-like, so edits "
-            f"and interpolations degrade (reconstruction stays exact); {fix}")
+            f"parasitic mode by {factor} when inverting: {effect}; {fix}")
 
 
 @contextlib.contextmanager

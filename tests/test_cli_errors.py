@@ -278,6 +278,20 @@ def test_growth_line_of_every_command(sampler, spacing, steps, fix):
         assert "Schedule.from_diffusers" not in line and "spacing='" not in line, line
 
 
+def test_growth_line_of_reversible_gradients():
+    """The wording of sampling with grad="reversible" (optimize) names its gradients, not latents."""
+    import argparse
+
+    from belm.cli import _growth_line
+    message = ("OBELM on this grid (N = 10, last timestep 1) multiplies the parasitic mode by 7.64e+03 when inverting "
+               "(threshold 10): grad='reversible' recovers the sampling chain's states by inverting it on the backward "
+               "pass, so its gradients carry that growth times float rounding (autograd's do not). Use "
+               "spacing='trailing' (growth 5.9 there; e.g. Schedule.from_diffusers(scheduler, N, "
+               "spacing='trailing'), or model.schedule(N) which defaults to it).")
+    line = _growth_line(message, argparse.Namespace(command="optimize", sampler="obelm"))
+    assert "the gradients" in line and "noise-like" not in line and "use --spacing trailing (growth 5.9 there)" in line
+
+
 # -- item 11 and the rest: whatever fails inside the run is one line ---------------------------------
 @pytest.mark.parametrize("exc, code", [
     (ValueError("check the rule's formulas\nsecond line"), 2),
