@@ -3,7 +3,9 @@
 Every command validates its arguments before any work, writes its pictures and a strict-JSON
 ``summary.json`` (the run's settings included) into ``--out`` only when it succeeds
 (nothing half-written, nothing stale from an earlier run), prints a short table, and exits
-with status 2 and a one-line message on bad input (``--debug`` for a traceback).
+with status 2 and a one-line message on bad input, checked before the model load wherever the
+arguments or the model folder's files decide (``--debug`` for a traceback); Ctrl-C is one line
+and status 130, an unexpected failure one line and status 1.
 
 Threads: torch's CPU thread count is pinned by ``--threads`` (default: ``$BELM_THREADS``,
 else ``$OMP_NUM_THREADS``, else 1). One thread cannot collapse when other processes share
@@ -14,12 +16,13 @@ machine); ``--threads 0`` restores torch's default for a machine of your own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 __all__ = ["main", "build_parser", "resolve_threads"]
 
@@ -27,15 +30,36 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 SPACING_CHOICES = ("linspace", "leading", "trailing", "config")
 
 
+#: exit status of bad input (and of what the input asked for that cannot be done: memory, files)
+EXIT_USAGE = 2
+#: exit status of a run stopped by Ctrl-C: 128 + SIGINT, what shells, make and job schedulers report
+#: for an interrupted command (and Python's own for an uncaught KeyboardInterrupt); not 2, which
+#: says "fix the arguments"
+EXIT_INTERRUPTED = 130
+#: exit status of an unexpected failure (a bug: rerun with --debug and report it)
+EXIT_INTERNAL = 1
+
+
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message (the usage is one `-h` away)."""
+    """argparse with a one-line error message (the usage is one `-h` away), given by the
+    subcommand's parser when the subcommand's options are wrong (`belm reconstruct -h`)."""
+
+    #: the subcommands' parsers by name (set by build_parser on the top-level parser)
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:   # argparse would report them as the top-level parser's, pointing at `belm -h`
+            owner = self.commands.get(getattr(parsed, "command", None) or "", self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -226,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _invert_options(p)
     for name in ("sample", "reconstruct", "edit"):
         _latents_option(sub.choices[name])
+    parser.commands = dict(sub.choices)
     return parser
 
 
@@ -278,14 +303,16 @@ def _check_optimize(args: argparse.Namespace) -> None:
             raise CLIError(f"--{arg} must be >= 1; got {getattr(args, arg)}")
     if args.iters < 0:
         raise CLIError(f"--iters must be >= 0; got {args.iters}")
-    if not args.lr > 0:
-        raise CLIError(f"--lr must be > 0; got {args.lr}")
-    if not args.penalty >= 0:
-        raise CLIError(f"--penalty must be >= 0; got {args.penalty}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise CLIError(f"--lr must be > 0 and finite; got {args.lr}")
+    if not (args.penalty >= 0 and math.isfinite(args.penalty)):
+        raise CLIError(f"--penalty must be >= 0 and finite; got {args.penalty}")
     if args.confidence is not None and not 0 < args.confidence < 1:
         raise CLIError(f"--confidence must lie in (0, 1); got {args.confidence}")
-    if args.edit_guidance < 0:
-        raise CLIError(f"--edit-guidance must be >= 0; got {args.edit_guidance}")
+    _check_guidance("edit_guidance", args.edit_guidance)
+    _check_seed(args, 1)
+    _check_steps(args)
+    _check_heldout(args, label=args.source)
     _check_out(args)
 
 
@@ -331,6 +358,139 @@ def _latent_settings(args: argparse.Namespace) -> None:
         print(f"latent: inverted with {' '.join(used)} (recorded in the file; pass the flags to change them)")
 
 
+def _check_guidance(name: str, value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise CLIError(f"--{name.replace('_', '-')} must be >= 0 and finite (1 = no guidance); got {value}")
+
+
+#: torch.Generator.manual_seed takes [0, 2^64); a negative seed s is the generator of 2^64 + s
+SEED_BOUND = 2 ** 64
+
+
+def _check_seed(args: argparse.Namespace, count: int) -> None:
+    """``count`` seeds from --seed on (sample i of sample/fd uses seed + i) must be torch seeds."""
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0 (torch's seeds are unsigned 64-bit: a negative seed s is the same "
+                       f"generator as 2^64 + s); got {args.seed}")
+    if args.seed + count > SEED_BOUND:
+        if count == 1:
+            raise CLIError(f"--seed {args.seed} exceeds torch's largest seed 2^64 - 1 = {SEED_BOUND - 1}")
+        raise CLIError(f"--seed {args.seed} --num {count}: sample i uses seed {args.seed} + i, which must stay within "
+                       f"torch's seeds [0, 2^64 - 1]; use --seed <= {SEED_BOUND - count}")
+
+
+def _check_steps(args: argparse.Namespace) -> None:
+    """--steps against what the sampler couples (a k-step rule needs N >= k) and, on discrete
+    (non-flow) models, against the train timesteps the model's scheduler config names."""
+    import numpy as np
+
+    from belm.schedule import Schedule
+    from belm.solvers.multistep import MultistepSampler
+    from belm.solvers.registry import make_sampler
+    # The sampler on a stand-in grid of 8 steps (enough for every rule): its k, without the model.
+    stand_in = Schedule.from_betas(np.linspace(1e-4, 0.02, 1000), 8, spacing="trailing")
+    sampler = make_sampler(args.sampler, lambda x, t: x, stand_in, progress=False, **_sampler_options(args))
+    if isinstance(sampler, MultistepSampler) and args.steps < sampler.num_states:
+        ddim = " (or --sampler ddim)" if args.command != "optimize" else ""
+        raise CLIError(f"--steps {args.steps}: --sampler {args.sampler} couples {sampler.num_states} states and needs "
+                       f"--steps >= {sampler.num_states}{ddim}")
+    config = _scheduler_config(args)
+    if config is not None and not _is_flow(args, config):
+        train = int(config.get("num_train_timesteps") or 1000)
+        if args.steps > train:
+            raise CLIError(f"--steps {args.steps}: the model was trained on {train} timesteps, so at most "
+                           f"--steps {train}")
+
+
+def _scheduler_config(args: argparse.Namespace) -> Optional[dict]:
+    """The model's scheduler_config.json (None if it has none where belm reads it)."""
+    import json
+
+    from belm.models import DIGITS_FLOW_PATH, DIGITS_PATH
+    folder = {"digits": DIGITS_PATH, "digits-flow": DIGITS_FLOW_PATH}.get(args.model, args.model)
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        return None
+    config = json.loads(open(path, encoding="utf-8").read())
+    return config if isinstance(config, dict) else None
+
+
+def _is_flow(args: argparse.Namespace, scheduler_config: dict) -> bool:
+    """Flow models (digits-flow, SD3, FLUX) have a sigma grid, not N of T train timesteps."""
+    return args.model == "digits-flow" or getattr(args, "model_kind", None) in ("sd3", "flux") \
+        or str(scheduler_config.get("_class_name", "")).startswith("Flow")
+
+
+def _check_heldout(args: argparse.Namespace, label: Optional[int] = None) -> None:
+    """--num held-out digits (of class ``label``) must exist: the bundled models' images when no
+    --image is given (reconstruct, edit, optimize)."""
+    from belm.apps.models import BUNDLED_MODELS
+    if args.model not in BUNDLED_MODELS or getattr(args, "image", None) or getattr(args, "latents", None) \
+            or args.num is None:
+        return     # the images come from files (--image, a --latents folder), not the held-out set
+    from belm.models import digits_dataset
+    _, labels = digits_dataset("heldout")
+    available = int((labels == label).sum()) if label is not None else len(labels)
+    if args.num > available:
+        of = f" of class {label}" if label is not None else ""
+        raise CLIError(f"--num {args.num}: only {available} held-out digits{of} are available; pass --num <= "
+                       f"{available} (or your own --image files)")
+
+
+def _check_fd(args: argparse.Namespace) -> None:
+    """fd: a bundled model (FD-digits' features and reference), and more samples than features."""
+    from belm.apps.models import BUNDLED_MODELS
+    if args.model not in BUNDLED_MODELS:
+        raise CLIError(f"fd needs a feature extractor and a reference set; the bundled ones are for --model digits "
+                       f"and digits-flow, not {args.model}")
+    from belm.models import digits_classifier_config
+    dims = int(digits_classifier_config()["feature_dim"])
+    if args.num <= dims:
+        raise CLIError(f"--num {args.num}: an FD of fewer samples than feature dimensions + 1 is not meaningful "
+                       f"(their covariance is singular); FD-digits has {dims} feature dimensions, so pass --num >= "
+                       f"{dims + 1} (default 297, the held-out digits' count)")
+
+
+def _physical_memory() -> Optional[int]:
+    """This machine's memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2 ** 30:.3g} GiB"
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """--num images must fit where the command must keep them: fd holds every sample (their
+    statistics), interpolate every frame (one strip), in memory; sample writes every sample to
+    samples.safetensors (4-byte pixels), on the disk of --out. Bounds below the real need:
+    what exceeds them cannot succeed."""
+    from belm.apps.models import image_shape
+    if args.command not in ("fd", "interpolate", "sample") or getattr(args, "latent", None) \
+            or getattr(args, "latents", None):
+        return       # sampling saved latents: their count is the file's (folder's), checked when read
+    C, H, W = image_shape(args.model, getattr(args, "model_kind", None))
+    need = args.num * C * H * W * 4
+    what = f"{args.num} float32 {C}x{H}x{W} images: {_gib(need)}"
+    if args.command == "sample":
+        import shutil
+        where = os.path.abspath(args.out)
+        while not os.path.isdir(where):
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free
+        if need > free:
+            raise CLIError(f"--num {args.num}: samples.safetensors alone holds {what}, and {where} has "
+                           f"{_gib(free)} free; pass a smaller --num or free some space")
+        return
+    memory = _physical_memory()
+    if memory is not None and need > memory:
+        raise CLIError(f"--num {args.num}: {args.command} holds all its {what}, and this machine has "
+                       f"{_gib(memory)} of memory; pass a smaller --num")
+
+
 def _check(args: argparse.Namespace) -> None:
     from belm.apps.models import BUNDLED_MODELS
     if args.command == "optimize":
@@ -348,8 +508,11 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--num must be >= 1; got {args.num}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if args.guidance < 0:
-        raise CLIError(f"--guidance must be >= 0; got {args.guidance}")
+    _check_guidance("guidance", args.guidance)
+    if args.command == "edit":
+        _check_guidance("inversion_guidance", args.inversion_guidance)
+    seeded = args.command == "fd" or (args.command == "sample" and getattr(args, "latent", None) is None)
+    _check_seed(args, args.num if seeded else 1)
     if args.gamma is not None and args.sampler != "bdia":
         raise CLIError(f"--gamma applies to --sampler bdia only; got --sampler {args.sampler}")
     if args.p is not None and args.sampler != "edict":
@@ -368,15 +531,21 @@ def _check(args: argparse.Namespace) -> None:
     for path in getattr(args, "image", None) or []:
         if not os.path.isfile(path):
             raise CLIError(f"--image {path}: no such file")
+    if args.command == "interpolate" and args.num < 2:
+        raise CLIError(f"--num must be >= 2 for interpolate (its frames include both ends); got {args.num}")
     if args.command == "interpolate" and args.image and len(args.image) != 2:
         raise CLIError(f"--image must be given exactly twice for interpolate; got {len(args.image)}")
+    if args.command == "fd":
+        _check_fd(args)
     _check_device(args.device)
     if not bundled:
         if not os.path.isdir(args.model):
             raise CLIError(f"--model {args.model}: no such folder; pass 'digits', 'digits-flow' or a local diffusers "
                            "folder")
         from belm.adapters.stable_diffusion import check_model_folder
+        from belm.adapters.folders import check_folder_files
         try:
+            check_folder_files(Path(args.model))    # custom code, broken files: refused before anything reads them
             args.model_kind = check_model_folder(args.model)
         except (ValueError, FileNotFoundError) as err:
             raise CLIError(f"--model {err}") from None
@@ -402,6 +571,11 @@ def _check(args: argparse.Namespace) -> None:
                 if not str(v).strip().lstrip("-").isdigit() or not 0 <= int(v) < NUM_CLASSES:
                     raise CLIError(f"--{arg} must be a class id in [0, {NUM_CLASSES - 1}] for --model {args.model}; "
                                    f"got {value!r}")
+        if args.command in ("reconstruct", "edit"):
+            _check_heldout(args, label=int(args.source) if args.command == "edit" and args.source is not None
+                           else None)
+    _check_steps(args)
+    _check_sizes(args)
     _check_out(args)
     if args.command == "invert":
         _check_invert(args)
@@ -509,7 +683,7 @@ def _settings(args: argparse.Namespace, argv: Sequence[str]) -> dict:
 
 
 def _sampler_options(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in (("gamma", args.gamma), ("p", args.p)) if v is not None}
+    return {k: getattr(args, k) for k in ("gamma", "p") if getattr(args, k, None) is not None}
 
 
 # -- models and images ----------------------------------------------------------------------
@@ -846,10 +1020,7 @@ def cmd_sample(args: argparse.Namespace) -> dict:
 def cmd_fd(args: argparse.Namespace) -> dict:
     from belm.apps import tasks
     from belm.apps.io import OutputDir, save_grid
-    model = _load(args)
-    if model.classifier is None or model.dataset is None:
-        raise CLIError(f"fd needs a feature extractor and a reference set; the bundled ones are for --model digits "
-                       f"and digits-flow, not {model.name}")
+    model = _load(args)    # a bundled model (checked): FD-digits' features and reference set
     reference, _ = model.reference_images("heldout")
     seeds = list(range(args.seed, args.seed + args.num))
     images = tasks.generate(model, seeds, sampler=args.sampler, steps=args.steps,
@@ -1184,20 +1355,99 @@ COMMANDS = {"demo": cmd_demo, "sample": cmd_sample, "reconstruct": cmd_reconstru
             "interpolate": cmd_interpolate, "fd": cmd_fd, "optimize": cmd_optimize, "invert": cmd_invert}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:       # argparse printed its one-line usage error (or --help / --version)
-        return int(exc.code or 0)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    debug = args.debug or "--debug" in argv
+def _one_line(text: str, limit: int = 400) -> str:
+    """A message as one line: its lines joined, or its first line when they run long (a state
+    dict's list of mismatches); --debug shows the whole."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = " ".join(lines)
+    return joined if len(joined) <= limit or len(lines) < 2 else f"{lines[0]} … (--debug shows the rest)"
+
+
+def _failure(err: Exception) -> tuple[int, str]:
+    """(exit status, one line) for an exception that ended a run: bad input and what it asked for
+    (memory, files, numerics of the chosen grid) exit 2; anything else is a bug, exit 1."""
+    import torch
+    text = _one_line(str(err)) or type(err).__name__
+    if isinstance(err, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return EXIT_USAGE, (f"out of memory ({text}); use a smaller --batch-size (or --num), or a machine or device "
+                            "with more memory")
     from belm.errors import BELMError
+    if isinstance(err, (CLIError, BELMError, ValueError, TypeError, OSError, ArithmeticError, RuntimeError)):
+        return EXIT_USAGE, text
+    return EXIT_INTERNAL, (f"{type(err).__name__}: {text} (unexpected: rerun with --debug for the traceback and "
+                           "report it)")
+
+
+def _growth_line(message: str, args: argparse.Namespace) -> str:
+    """A :class:`~belm.errors.GrowthWarning`'s message in the command's terms: the grid by its
+    flags and the fix as flags (--spacing trailing, --steps), not Python calls. Unknown wording
+    passes through, on one line."""
+    import re
+
+    from belm.schedule import default_spacing
+    head = re.match(r"(\S+) on this grid \(N = (\d+), last timestep (\d+)\) multiplies the parasitic mode by "
+                    r"(\S+) when inverting", message)
+    if head is None:
+        return _one_line(message)
+    method, steps, last, factor = head.groups()
+    rest = message[head.end():]
+    spacing = getattr(args, "spacing", None) or f"{default_spacing(args.sampler)} (default)"   # optimize has none
+    helps = re.search(r"growth (\S+?) there", rest)
+    useless = re.search(r"does not help here \(growth (\S+?)\)", rest)
+    if "p^-2N" in rest:       # EDICT: its p-coupling grows with the number of steps
+        fix = "use fewer --steps, a --p closer to 1, or --sampler obelm or bdia --gamma 1"
+    elif helps:
+        fix = f"use --spacing trailing (growth {helps.group(1)} there)"
+    elif useless:
+        fix = f"--spacing trailing does not help here (growth {useless.group(1)}): use more --steps or --sampler bdia " \
+              "--gamma 1"
+    else:
+        fix = "use more --steps, or --sampler obelm or bdia --gamma 1"
+    effect = ("the gradients, which recover the chain's states by inverting it, carry that growth times float "
+              "rounding") if "grad='reversible'" in rest else \
+        "the inverted latents are exact but not noise-like, so edits and interpolations degrade (reconstruction " \
+        "stays exact)"
+    return (f"{method} on this grid (--steps {steps}, --spacing {spacing}: last timestep {last}) multiplies the "
+            f"parasitic mode by {factor} when inverting: {effect}; {fix}")
+
+
+@contextlib.contextmanager
+def _warnings_in_cli_terms(args: argparse.Namespace) -> Iterator[None]:
+    """Show a GrowthWarning as one line ``belm COMMAND: warning: …`` in the command's terms
+    (no Python source line); other warnings as Python shows them."""
+    import warnings
+
+    from belm.errors import GrowthWarning
+    python_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GrowthWarning):
+            print(f"belm {args.command}: warning: {_growth_line(str(message), args)}", file=sys.stderr)
+        else:
+            python_show(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
     try:
-        import torch
+        yield
+    finally:
+        warnings.showwarning = python_show
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``belm ARGV``; returns the exit status: 0, 2 (bad input: one line on stderr naming the
+    argument and the fix), 130 (interrupted by Ctrl-C: one line) or 1 (an unexpected failure: one
+    line; ``--debug`` shows the traceback of any of them)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, prefix = "--debug" in argv, "belm"
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:       # argparse printed its one-line usage error (or --help / --version)
+            return int(exc.code or 0)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        debug, prefix = debug or args.debug, f"belm {args.command}"
         threads = resolve_threads(args.threads)
         if threads > 0:
             _pin_threads(threads)
@@ -1207,18 +1457,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _check(args)
         args.settings = _settings(args, argv)
         _distributed(args)
-        COMMANDS[args.command](args)
+        with _warnings_in_cli_terms(args):
+            COMMANDS[args.command](args)
         return 0
-    except CLIError as err:
+    except KeyboardInterrupt:
         if debug:
             raise
-        print(f"belm {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (BELMError, ValueError, TypeError, FileNotFoundError, PermissionError, OSError) as err:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
         if debug:
             raise
-        print(f"belm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        status, line = _failure(err)
+        print(f"{prefix}: error: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,7 +71,7 @@ def test_sample_is_deterministic_per_seed(tmp_path):
 
 
 def test_fd_command_writes_its_figure(tmp_path):
-    code, out = run(["fd", "--num", "40", "--steps", "5", "--guidance", "1"], tmp_path)
+    code, out = run(["fd", "--num", "65", "--steps", "5", "--guidance", "1"], tmp_path)
     assert code == 0 and summary(out)["fd"] > 0
 
 
@@ -416,7 +416,7 @@ def test_digits_flow_round_trip_via_the_cli(tmp_path, capsys):
     (["edit", "--source", "3", "--target", "8", "--num", "2", "--steps", "4"], "success_rate"),
     (["interpolate", "--num", "4", "--steps", "4"], "middle_fd"),
     (["sample", "--num", "2", "--steps", "3"], "seconds"),
-    (["fd", "--num", "20", "--steps", "3", "--guidance", "1"], "fd"),
+    (["fd", "--num", "65", "--steps", "3", "--guidance", "1"], "fd"),
 ])
 def test_digits_flow_commands(tmp_path, command, key):
     code, out = run(command + ["--model", "digits-flow"], tmp_path)

@@ -336,7 +336,7 @@ NOT_SHARDED = [
     ["reconstruct", "--num", "2"],
     ["edit", "--source", "3", "--target", "8", "--num", "2"],
     ["interpolate"],
-    ["fd", "--num", "10"],
+    ["fd", "--num", "65"],
     ["optimize", "--source", "3", "--target", "8"],
     ["sample", "--latent", "LATENT"],
     ["reconstruct", "--latents", "LATENTS"],

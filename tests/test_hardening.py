@@ -223,7 +223,7 @@ def test_same_seed_same_bits_for_sampling_and_inversion():
     ["reconstruct", "--num", "2", "--steps", "4"],
     ["edit", "--source", "1", "--target", "7", "--num", "2", "--steps", "4"],
     ["interpolate", "--num", "3", "--steps", "4"],
-    ["fd", "--num", "20", "--steps", "3", "--guidance", "1"],
+    ["fd", "--num", "65", "--steps", "3", "--guidance", "1"],
     ["edit", "--model", "digits-flow", "--source", "1", "--target", "7", "--num", "2", "--steps", "4"],
     ["interpolate", "--model", "digits-flow", "--num", "4", "--steps", "4"],
     ["optimize", "--source", "3", "--target", "8", "--num", "2", "--steps", "3", "--iters", "2"],

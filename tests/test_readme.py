@@ -38,7 +38,7 @@ PLACEHOLDERS = {"path/to/local/sd3-folder": "{sd3}", "path/to/local/flux-folder"
 #: (default 2). The README's sizes are what users run; the code paths are the same, and
 #: the figures at full size are checked by tests/test_cli.py and the benchmarks.
 STEPS_CAP = 10
-NUM_CAP = {"fd": 40, "interpolate": 3, "sample": 4}
+NUM_CAP = {"fd": 65, "interpolate": 3, "sample": 4}
 
 def blocks(language: str) -> list[str]:
     """The fenced ```language blocks of README.md, in order."""

@@ -15,7 +15,7 @@ import torch
 from belm.adapters import DiffusersEps
 from belm.schedule import Schedule, default_spacing
 
-__all__ = ["ModelHandle", "FlowModelHandle", "load_model", "BUNDLED_MODELS"]
+__all__ = ["ModelHandle", "FlowModelHandle", "load_model", "image_shape", "BUNDLED_MODELS"]
 
 #: the models shipped with belm (no folder needed); both see the bundled digits data set
 BUNDLED_MODELS: tuple[str, ...] = ("digits", "digits-flow")
@@ -181,32 +181,83 @@ def load_model(model: str = "digits", *, dtype: torch.dtype = torch.float32,
 
     Raises:
         FileNotFoundError: no such folder, or an incomplete one.
-        ValueError: a folder belm cannot run (other pipelines, unsupported schedulers), in one line.
+        ValueError: a folder belm cannot or must not run (other pipelines, unsupported schedulers,
+            custom code, broken or truncated files, weights diffusers cannot load), in one line.
     """
     if model == "digits-flow":
         from belm.models import NULL_CLASS, NUM_CLASSES, load_digits_classifier, load_digits_flow_unet
         unet, scheduler = load_digits_flow_unet(dtype=dtype, device=device)
-        return FlowModelHandle("digits-flow", "pixel", unet, scheduler, (1, 16, 16), NUM_CLASSES, NULL_CLASS,
+        return FlowModelHandle("digits-flow", "pixel", unet, scheduler, image_shape(model), NUM_CLASSES, NULL_CLASS,
                                classifier=load_digits_classifier(device=device), dataset="digits", flow=True)
     if model == "digits":
         from belm.models import NULL_CLASS, NUM_CLASSES, load_digits_classifier, load_digits_unet
         unet, scheduler = load_digits_unet(dtype=dtype, device=device)
-        return ModelHandle("digits", "pixel", unet, scheduler, (1, 16, 16), NUM_CLASSES, NULL_CLASS,
+        return ModelHandle("digits", "pixel", unet, scheduler, image_shape(model), NUM_CLASSES, NULL_CLASS,
                            classifier=load_digits_classifier(device=device), dataset="digits")
     folder = Path(model)
     if not folder.is_dir():
         raise FileNotFoundError(f"--model {model}: no such folder; pass 'digits', 'digits-flow' or a local "
                                 "diffusers folder")
+    from belm.adapters.folders import check_folder_files
     from belm.adapters.stable_diffusion import check_model_folder
+    check_folder_files(folder)               # custom code, broken or truncated files: refused before diffusers
     kind = check_model_folder(folder)        # one-line refusals of what belm cannot run
+    try:
+        return _load_folder(folder, kind, dtype, device)
+    except (RuntimeError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        # diffusers' errors can span many lines (a state dict's size mismatches): the first names the problem
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"--model {model}: could not load it: {lines[0] if lines else type(exc).__name__}"
+                         + (" (and more; --debug shows it all)" if len(lines) > 1 else "")) from exc
+
+
+def image_shape(model: str, kind: Optional[str] = None) -> tuple[int, int, int]:
+    """(C, H, W) of the images ``model`` makes at its default size, without loading it: the bundled
+    models' 1×16×16; for a folder (``kind`` from :func:`check_model_folder`), from its config
+    files: a pixel UNet's (in_channels, sample_size, sample_size); for latent pipelines ("sd",
+    "sdxl", "sd3", "flux") 3 channels and the network's sample_size (FLUX's config has none:
+    FluxPipeline's 128) times the VAE factor 2^(len(block_out_channels) − 1).
+
+    Raises:
+        ValueError: a pixel UNet config without sample_size.
+    """
+    import json
+    if model in BUNDLED_MODELS:
+        from belm.models.data import IMAGE_SIZE
+        return 1, IMAGE_SIZE, IMAGE_SIZE
+    folder = Path(model)
+    if kind is None:
+        from belm.adapters.stable_diffusion import check_model_folder
+        kind = check_model_folder(folder)
+
+    def config(sub: str) -> dict:
+        return json.loads((folder / sub / "config.json").read_text())
+    if kind == "pixel":
+        sub = "unet" if (folder / "unet").is_dir() else ""
+        cfg = config(sub)
+        size = cfg.get("sample_size")
+        if not size:
+            raise ValueError(f"{str(folder / sub / 'config.json')!r} has no sample_size; set the UNet's image size "
+                             "there")
+        size = size if isinstance(size, int) else size[0]
+        return int(cfg.get("in_channels", 3)), int(size), int(size)
+    cfg = config("transformer" if (folder / "transformer").is_dir() else "unet")
+    sample = cfg.get("sample_size") or 128
+    factor = 2 ** (len(config("vae").get("block_out_channels", (0,))) - 1)
+    size = int(sample if isinstance(sample, int) else sample[0]) * factor
+    return 3, size, size
+
+
+def _load_folder(folder: Path, kind: str, dtype: torch.dtype, device: str | torch.device) -> ModelHandle:
+    """The handle of a checked folder of ``kind`` (see :func:`check_model_folder`)."""
+    model = str(folder)
+    shape = image_shape(model, kind)
     if kind != "pixel":
         from belm.adapters import from_folder
         sd = from_folder(folder, dtype=dtype, device=device)
-        # The networks' default sample size (latent pixels); FLUX's config has none: FluxPipeline's 128.
-        sample = getattr(sd.unet.config, "sample_size", None) or 128
-        size = int(sample if isinstance(sample, int) else sample[0]) * sd.vae_factor
-        return ModelHandle(str(folder), "latent", sd.unet, sd.scheduler, (3, size, size), sd=sd,
-                           flow=kind in ("sd3", "flux"))
+        return ModelHandle(str(folder), "latent", sd.unet, sd.scheduler, shape, sd=sd, flow=kind in ("sd3", "flux"))
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     if not (unet_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model}: no unet/config.json (nor model_index.json with a vae); "
@@ -218,8 +269,5 @@ def load_model(model: str = "digits", *, dtype: torch.dtype = torch.float32,
     if not (sched_dir / "scheduler_config.json").is_file():
         raise FileNotFoundError(f"--model {model}: missing component scheduler/scheduler_config.json")
     scheduler = DDIMScheduler.from_pretrained(str(sched_dir), local_files_only=True)
-    cfg = unet.config
-    classes = getattr(cfg, "num_class_embeds", None)
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    return ModelHandle(str(folder), "pixel", unet, scheduler, (cfg.in_channels, size, size),
-                       num_classes=classes, null_class=None)
+    classes = getattr(unet.config, "num_class_embeds", None)
+    return ModelHandle(str(folder), "pixel", unet, scheduler, shape, num_classes=classes, null_class=None)

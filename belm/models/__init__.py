@@ -38,6 +38,7 @@ __all__ = [
     "DigitClassifier",
     "load_digits_unet",
     "load_digits_classifier",
+    "digits_classifier_config",
     "digits_dataset",
     "digits_split",
     "preprocess_digits",
@@ -91,11 +92,17 @@ def load_digits_flow_unet(dtype: torch.dtype = torch.float32, device="cpu"):
     return _load_bundled(DIGITS_FLOW_PATH, "flow", FlowMatchEulerDiscreteScheduler, dtype, device)
 
 
+def digits_classifier_config() -> dict:
+    """The bundled classifier's configuration: ``channels``, ``feature_dim`` (the dimension of the
+    features FD-digits compares), ``num_classes``, ``dropout`` (classifier_config.json)."""
+    return json.loads(_require(DIGITS_PATH / "classifier_config.json", "classifier").read_text())
+
+
 def load_digits_classifier(device="cpu") -> DigitClassifier:
     """Return the bundled :class:`DigitClassifier` in eval mode (input (B,1,16,16) in [-1, 1])."""
     from safetensors.torch import load_file
 
-    cfg = json.loads(_require(DIGITS_PATH / "classifier_config.json", "classifier").read_text())
+    cfg = digits_classifier_config()
     model = DigitClassifier(
         channels=tuple(cfg["channels"]), feature_dim=cfg["feature_dim"], num_classes=cfg["num_classes"],
         dropout=cfg.get("dropout", 0.2),
