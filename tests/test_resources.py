@@ -99,3 +99,22 @@ def test_a_grid_with_near_duplicate_levels_is_refused_by_name(kind):
     rel = good.members[1]
     with pytest.raises(ValueError, match="check the rule's formulas"):
         Relation("broken", 2, rel.a, -rel.c, good.schedule)
+
+
+# -- BELM(k): bounded derivation ---------------------------------------------------------------------
+@pytest.mark.parametrize("k, allow_unstable, match", [
+    (4, False, "not zero-stable.*Dahlquist.*allow_unstable"),
+    (5, False, "not zero-stable.*Dahlquist.*allow_unstable"),
+    (5, True, "k=5: deriving.*k <= 4"),
+    (12, True, "k=12: deriving.*k <= 4"),
+])
+def test_belm_k_refuses_before_deriving_what_it_would_refuse_or_take_minutes(monkeypatch, k, allow_unstable, match):
+    # k = 5 derived for 13 minutes, k = 4 for seconds only to be refused as unstable.
+    import belm.lte
+    from belm import BELM
+    derived = []
+    monkeypatch.setattr(belm.lte, "derive_belm", lambda *a, **kw: derived.append(a) or pytest.fail("derived"))
+    with pytest.raises(ValueError, match=match):
+        BELM(ref.nonlinear_eps, Schedule.from_betas(make_betas(), 20, spacing="trailing"), k=k,
+             allow_unstable=allow_unstable)
+    assert derived == []
