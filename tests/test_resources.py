@@ -118,3 +118,66 @@ def test_belm_k_refuses_before_deriving_what_it_would_refuse_or_take_minutes(mon
         BELM(ref.nonlinear_eps, Schedule.from_betas(make_betas(), 20, spacing="trailing"), k=k,
              allow_unstable=allow_unstable)
     assert derived == []
+
+
+# -- belm sample: set-up linear in --num, grid capped ------------------------------------------------
+class _CountingList(list):
+    """A list that counts the elements its look-ups touch (index() scans, item reads), and stops
+    the run once they exceed ``budget``."""
+
+    touched = 0
+    budget = 0
+
+    def _touch(self, count: int) -> None:
+        _CountingList.touched += count
+        assert _CountingList.touched <= _CountingList.budget, "set-up work grows faster than --num"
+
+    def index(self, value, *args):
+        position = super().index(value, *args)
+        self._touch(position + 1)
+        return position
+
+    def __getitem__(self, item):
+        self._touch(1)
+        return super().__getitem__(item)
+
+
+def test_sample_setup_is_linear_in_num(monkeypatch, tmp_path):
+    # 20,000 seeds took 2.6 s of set-up (seeds.index per seed: N²/2 steps), 10⁶ about 1.8 h per rank.
+    # The seed and condition lists cmd_sample builds count the elements their look-ups touch.
+    import belm.cli as cli
+    from belm.apps import tasks
+    num = 100_000
+    monkeypatch.setattr(cli, "list", _CountingList, raising=False)      # cmd_sample's list(range(...))
+    plain = cli._sample_conditions
+    monkeypatch.setattr(cli, "_sample_conditions", lambda *a: _CountingList(plain(*a)))
+    _CountingList.touched, _CountingList.budget = 0, 4 * num
+    handed = {}
+
+    class Stop(ValueError):
+        pass
+
+    def generate(model, seeds, *, condition, **kwargs):
+        handed.update(seeds=seeds, condition=condition)
+        raise Stop("set-up done")
+
+    monkeypatch.setattr(tasks, "generate", generate)
+    code = cli.main(["sample", "--num", str(num), "--seed", "5", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code != 0 and handed["seeds"][0] == 5 and len(handed["seeds"]) == num
+    assert list(handed["condition"][:12]) == [s % 10 for s in range(5, 17)]
+    assert len(handed["condition"]) == num and handed["condition"][-1] == (5 + num - 1) % 10
+
+
+def test_sample_grid_shows_at_most_grid_images(tmp_path):
+    from PIL import Image
+
+    import belm.cli as cli
+    out = tmp_path / "o"
+    assert cli.main(["sample", "--num", "130", "--steps", "2", "--batch-size", "65", "--out", str(out),
+                     "--no-progress"]) == 0
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert "first 100 of 130" in summary["grid"]
+    with Image.open(out / "grid.png") as grid:
+        # 10 rows of 10 digits of 16 px, 1 px padding, upscaled 4×: 10 × 17 + 1 = 171 px per side, × 4.
+        assert grid.size == (684, 684)
+    assert (out / "sample_000129.png").is_file()
