@@ -161,7 +161,7 @@ def test_sample_setup_is_linear_in_num(monkeypatch, tmp_path):
         handed.update(seeds=seeds, condition=condition)
         raise Stop("set-up done")
 
-    monkeypatch.setattr(tasks, "generate", generate)
+    monkeypatch.setattr(tasks, "generate_batches", generate)
     code = cli.main(["sample", "--num", str(num), "--seed", "5", "--out", str(tmp_path / "o"), "--no-progress"])
     assert code != 0 and handed["seeds"][0] == 5 and len(handed["seeds"]) == num
     assert list(handed["condition"][:12]) == [s % 10 for s in range(5, 17)]
@@ -181,3 +181,33 @@ def test_sample_grid_shows_at_most_grid_images(tmp_path):
         # 10 rows of 10 digits of 16 px, 1 px padding, upscaled 4×: 10 × 17 + 1 = 171 px per side, × 4.
         assert grid.size == (684, 684)
     assert (out / "sample_000129.png").is_file()
+
+
+def test_sample_writes_each_batch_before_sampling_the_next(monkeypatch, tmp_path):
+    # All samples were held in RAM (10⁶ digits: 1 GB, SD images far more). Now one batch at a time.
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    import belm.cli as cli
+    from belm.apps import tasks
+    plain = tasks.generate_batches
+    produced, alive_before = [], []
+
+    def generate_batches(*args, **kwargs):
+        for images in plain(*args, **kwargs):
+            gc.collect()
+            # The caller's loop variable may still hold the batch before this one; no other.
+            alive_before.append(sum(ref() is not None for ref, _ in produced))
+            produced.append((weakref.ref(images), images.clone()))
+            yield images
+
+    monkeypatch.setattr(tasks, "generate_batches", generate_batches)
+    out = tmp_path / "o"
+    assert cli.main(["sample", "--num", "130", "--steps", "2", "--batch-size", "40", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert len(produced) == 4 and max(alive_before) <= 1
+    written = load_file(out / "samples.safetensors")["images"]
+    assert written.shape == (130, 1, 16, 16) and written.dtype == torch.float32
+    assert torch.equal(written, torch.cat([images for _, images in produced]).to(torch.float32))
