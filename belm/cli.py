@@ -943,9 +943,25 @@ def _latent_conditions(model, args):
     return model.parse_condition(args.target, "--target")
 
 
+#: the most images a grid picture of `sample` and `fd` shows (50,000 digits made a 590 MB grid.png)
+GRID_IMAGES = 100
+
+
+def _save_sample_grid(out, model, images, total: Optional[int] = None) -> str:
+    """grid.png of the first :data:`GRID_IMAGES` of ``images`` (the first of ``total`` samples),
+    rows of 10 (digits) or 8; returns what it shows, for the summary."""
+    from belm.apps.io import save_grid
+    ncol = 10 if model.num_classes == 10 else 8
+    shown = min(len(images), GRID_IMAGES)
+    save_grid(out, [images[i:min(i + ncol, shown)] for i in range(0, shown, ncol)], "grid.png",
+              scale=_picture_scale(model))
+    total = len(images) if total is None else total
+    return f"grid.png shows the first {shown} of {total} samples (every sample is in sample_*.png)"
+
+
 def _sample_latent(args: argparse.Namespace, model) -> dict:
     from belm.apps import tasks
-    from belm.apps.io import OutputDir, save_grid, save_images
+    from belm.apps.io import OutputDir, save_images
     from belm.solvers.base import Latent
     latent = Latent.load(args.latent, device=args.device)
     if args.num is not None:     # the first --num images of the latent
@@ -970,7 +986,7 @@ def _sample_latent(args: argparse.Namespace, model) -> dict:
     summary["settings"]["num"] = count
     summary["latent_method"], summary["latent_level"] = latent.method, latent.level
     with OutputDir(args.out) as out:
-        save_grid(out, [images], "grid.png", scale=_picture_scale(model))
+        summary["grid"] = _save_sample_grid(out, model, images)
         save_images(out, images, [f"sample_{i:06d}.png" for i in range(count)], scale=_save_scale(model, images))
         import torch
         from safetensors.torch import save_file
@@ -985,36 +1001,81 @@ def cmd_sample(args: argparse.Namespace) -> dict:
     if getattr(args, "latents", None) is not None:
         return _sample_latents(args)
     from belm.apps import tasks
-    from belm.apps.io import OutputDir, save_grid, save_images
-    from belm.apps.sharding import gather_in_order, shard
+    from belm.apps.io import OutputDir, save_images
+    from belm.apps.sharding import gather_in_order, shard, world
     model = _load(args)
     if args.latent is not None:
         return _sample_latent(args, model)
+    import torch
     if args.batch_size is None:
         args.batch_size = 64
     seeds = list(range(args.seed, args.seed + args.num))
     conditions = _sample_conditions(model, args, seeds)
     mine = shard(seeds, block=args.batch_size)  # whole batches per rank: same bits as one process
-    cond_mine = [conditions[seeds.index(s)] for s in mine] if isinstance(conditions, list) else conditions
+    # mine is a contiguous slice of the consecutive seeds: its conditions are the same slice (O(N)).
+    first = mine[0] - args.seed if mine else 0
+    cond_mine = conditions[first:first + len(mine)] if isinstance(conditions, list) else conditions
     t0 = time.perf_counter()
-    images = tasks.generate(model, mine, sampler=args.sampler, steps=args.steps, condition=cond_mine,
-                            guidance=args.guidance, batch_size=args.batch_size, progress=not args.no_progress,
-                            spacing=args.spacing, sampler_options=_sampler_options(args))
-    images = gather_in_order(images, mine, seeds)
-    if images is None:  # a non-zero rank of a sharded run: rank 0 writes
-        return {}
-    summary = dict(seconds=time.perf_counter() - t0, **args.settings)
+    batches = tasks.generate_batches(model, mine, sampler=args.sampler, steps=args.steps, condition=cond_mine,
+                                     guidance=args.guidance, batch_size=args.batch_size,
+                                     progress=not args.no_progress, spacing=args.spacing,
+                                     sampler_options=_sampler_options(args))
+    if world()[1] > 1:   # sharded: rank 0 gathers every rank's images and writes them as one batch
+        images = gather_in_order(torch.cat(list(batches)) if mine else torch.empty(0), mine, seeds)
+        if images is None:  # a non-zero rank: rank 0 writes
+            return {}
+        batches = iter([images])
+    summary = dict(**args.settings)
     with OutputDir(args.out) as out:
-        ncol = 10 if model.num_classes == 10 else 8
-        save_grid(out, [images[i:i + ncol] for i in range(0, len(images), ncol)], "grid.png",
-                  scale=_picture_scale(model))
-        save_images(out, images, [f"sample_{s:06d}.png" for s in seeds], scale=_save_scale(model, images))
-        import torch
-        from safetensors.torch import save_file
-        save_file({"images": images.contiguous().to(torch.float32)}, str(out.file("samples.safetensors")))
+        # One batch in memory at a time (plus the grid's first images): each is written as it comes.
+        samples, shown, done = None, [], 0
+        for images in batches:
+            if samples is None:
+                samples = _RowsFile(out.file("samples.safetensors"), "images", (args.num, *images.shape[1:]))
+            samples.write(images)
+            save_images(out, images, [f"sample_{s:06d}.png" for s in seeds[done:done + len(images)]],
+                        scale=_save_scale(model, images))
+            if done < GRID_IMAGES:   # a copy: a view would keep the whole batch alive
+                shown.append(images[:GRID_IMAGES - done].clone())
+            done += len(images)
+        samples.close()
+        summary["seconds"] = time.perf_counter() - t0
+        summary["grid"] = _save_sample_grid(out, model, torch.cat(shown), total=done)
         out.write_json("summary.json", summary)
     print(_table([[args.sampler, args.steps, args.num, summary["seconds"]]], ["sampler", "steps", "num", "seconds"]))
     return summary
+
+
+class _RowsFile:
+    """A safetensors file of one float32 tensor of ``shape`` (N, ...), written row block by row
+    block as they come: the header first (it only needs the shape), then each block's bytes,
+    so the whole tensor is never in memory. Readers see the format ``save_file`` writes."""
+
+    def __init__(self, path: Any, name: str, shape: tuple[int, ...]) -> None:
+        import json
+        import math
+        import struct
+        self.shape, self.written = tuple(int(v) for v in shape), 0
+        self.nbytes = 4 * math.prod(self.shape)
+        header = json.dumps({name: {"dtype": "F32", "shape": list(self.shape), "data_offsets": [0, self.nbytes]}},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)          # the data starts 8-byte aligned, as save_file does
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(header)) + header)
+
+    def write(self, rows: "torch.Tensor") -> None:
+        """Append rows of shape (b, *shape[1:])."""
+        import torch
+        if tuple(rows.shape[1:]) != self.shape[1:]:
+            raise ValueError(f"rows of shape {tuple(rows.shape)} do not fit a tensor of shape {self.shape}")
+        data = rows.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().astype("<f4", copy=False)
+        self.file.write(data.tobytes())
+        self.written += data.nbytes
+
+    def close(self) -> None:
+        self.file.close()
+        if self.written != self.nbytes:
+            raise RuntimeError(f"wrote {self.written} of the {self.nbytes} bytes of a {self.shape} tensor")
 
 
 def cmd_fd(args: argparse.Namespace) -> dict:
@@ -1030,7 +1091,7 @@ def cmd_fd(args: argparse.Namespace) -> dict:
     fd = tasks.fd_to_reference(model, images, reference)
     summary = dict(fd=fd, reference="digits held-out", **args.settings)
     with OutputDir(args.out) as out:
-        save_grid(out, [images[i:i + 10] for i in range(0, min(len(images), 100), 10)], "samples.png")
+        save_grid(out, [images[i:i + 10] for i in range(0, min(len(images), GRID_IMAGES), 10)], "samples.png")
         out.write_json("summary.json", summary)
     print(_table([[args.sampler, args.steps, args.num, args.guidance, fd]],
                  ["sampler", "steps", "num", "guidance", "fd_digits"]))

@@ -6,7 +6,7 @@ They return tensors and figures; writing files is the CLI's job (:mod:`belm.cli`
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -15,8 +15,8 @@ from belm.apps.models import ModelHandle
 from belm.solvers.base import Latent
 from belm.solvers.registry import make_sampler
 
-__all__ = ["reconstruct", "edit", "interpolate", "latent_statistics", "slerp", "generate", "sample_latent",
-           "concat_latents", "seeded_noise", "classify", "fd_to_reference"]
+__all__ = ["reconstruct", "edit", "interpolate", "latent_statistics", "slerp", "generate", "generate_batches",
+           "sample_latent", "concat_latents", "seeded_noise", "classify", "fd_to_reference"]
 
 
 def _sampler(model: ModelHandle, name: str, steps: int, condition: Any, guidance: float, progress: bool,
@@ -232,23 +232,44 @@ def generate(model: ModelHandle, seeds: Sequence[int], *, sampler: str = "obelm"
              condition: Any = None, guidance: float = 1.0, batch_size: int = 64,
              progress: bool = True, spacing: Optional[str] = None,
              sampler_options: Optional[dict] = None) -> torch.Tensor:
-    """Images for the given seeds, in batches of ``batch_size``.
+    """Images for the given seeds, in batches of ``batch_size`` (all of them in memory: to write
+    many, iterate :func:`generate_batches` instead).
 
     Each sample's noise depends only on its seed; the network's float bits can still depend
     on the batch composition (kernel blocking), so equal batches give equal bits.
+    """
+    outs = list(generate_batches(model, seeds, sampler=sampler, steps=steps, condition=condition,
+                                 guidance=guidance, batch_size=batch_size, progress=progress, spacing=spacing,
+                                 sampler_options=sampler_options))
+    return torch.cat(outs) if outs else torch.empty(0, *model.shape)
+
+
+def generate_batches(model: ModelHandle, seeds: Sequence[int], *, sampler: str = "obelm", steps: int = 50,
+                     condition: Any = None, guidance: float = 1.0, batch_size: int = 64,
+                     progress: bool = True, spacing: Optional[str] = None,
+                     sampler_options: Optional[dict] = None) -> Iterator[torch.Tensor]:
+    """:func:`generate` one batch at a time: yields the (b, C, H, W) images of
+    ``seeds[i:i + batch_size]`` for i = 0, batch_size, …, so a caller can write each batch out
+    before the next is sampled (memory: one batch, whatever ``len(seeds)``).
+
+    Raises (before any sampling):
+        ValueError: a condition list whose length differs from ``seeds``'.
     """
     per_sample = isinstance(condition, (list, tuple, torch.Tensor))
     if per_sample and len(condition) != len(seeds):
         raise ValueError(f"one condition per seed expected: {len(condition)} conditions for {len(seeds)} seeds")
     shape = model.shape if model.kind == "pixel" else _latent_shape(model)
     schedule = model.schedule(steps, spacing=spacing, sampler=sampler)   # at the handle's image size
-    outs = []
-    for i in range(0, len(seeds), batch_size):
-        cond = list(condition[i:i + batch_size]) if per_sample else condition
-        s = make_sampler(sampler, model.eps(cond, guidance), schedule, progress=progress, **(sampler_options or {}))
-        noise = seeded_noise(shape, seeds[i:i + batch_size])
-        outs.append(model.decode(s.sample(noise.to(model.unet.device))))
-    return torch.cat(outs) if outs else torch.empty(0, *model.shape)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for i in range(0, len(seeds), batch_size):
+            cond = list(condition[i:i + batch_size]) if per_sample else condition
+            s = make_sampler(sampler, model.eps(cond, guidance), schedule, progress=progress,
+                             **(sampler_options or {}))
+            noise = seeded_noise(shape, seeds[i:i + batch_size])
+            yield model.decode(s.sample(noise.to(model.unet.device)))
+
+    return batches()
 
 
 def sample_latent(model: ModelHandle, latent: Latent, *, sampler: str = "obelm", steps: int = 50,

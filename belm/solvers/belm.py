@@ -37,6 +37,32 @@ def rule_relation(rule: Any, schedule: Schedule, name: Optional[str] = None) -> 
     return Relation(name or f"BELM[{rule.key}]", k, a, c, schedule)
 
 
+#: the largest k for which ``BELM(k=k)`` derives its maximal-order rule: the symbolic derivation
+#: takes 0.1 s for k = 3, seconds for k = 4 and over 10 minutes for k = 5.
+MAX_DERIVED_K = 4
+#: from this k on the maximal-order rule is refused without deriving it (see :func:`_check_derivable`)
+_REFUSED_UNDERIVED_K = 4
+
+
+def _check_derivable(k: int, allow_unstable: bool) -> None:
+    """Refuse up-front what derivation would only refuse after seconds to minutes.
+
+    The maximal-order k-step BELM has order 2k − 2; it is explicit in the new point, and
+    Dahlquist's first barrier bounds a zero-stable explicit k-step method to order ≤ k. So for
+    every k ≥ 3 it is not zero-stable (k = 3 is still derived, in 0.1 s, to show its roots).
+    """
+    if k > MAX_DERIVED_K and allow_unstable:
+        raise ValueError(f"k={k}: deriving the maximal-order {k}-step rule symbolically takes over 10 minutes "
+                         f"(and it is not zero-stable); BELM derives k <= {MAX_DERIVED_K}. Pass a rule of your own "
+                         "(rule=belm.lte.derive_belm(k, ...)) to build a larger one")
+    if k >= _REFUSED_UNDERIVED_K and not allow_unstable:
+        raise UnstableRuleError(
+            f"k={k}: the maximal-order {k}-step BELM (order {2 * k - 2}) is not zero-stable in both directions: "
+            f"a zero-stable explicit {k}-step method has order <= {k} (Dahlquist's first barrier), so it is refused "
+            "before its derivation. Use k=2 (O-BELM) or a stable named rule (rule='leapfrog3'), or pass "
+            "allow_unstable=True to build it anyway")
+
+
 def _outside_unit_disk(roots) -> list[complex]:
     return [r for r in roots if not np.isfinite(abs(r)) or abs(r) > 1 + 1e-9]
 
@@ -59,6 +85,7 @@ class BELM(MultistepSampler):
         if rule is None:
             if isinstance(k, bool) or not isinstance(k, int) or k < 2:
                 raise ValueError(f"k must be an integer >= 2 (k = 1 is DDIM); got {k!r}")
+            _check_derivable(k, allow_unstable)
             rule = derive_belm(k)
         elif isinstance(rule, str):
             rule = named_rule(rule)

@@ -27,6 +27,9 @@ from belm.schedule import Schedule
 __all__ = ["Relation", "RowsInX", "ddim_relation", "empty_tables"]
 
 _CONSISTENCY_RTOL = 1e-9
+# A residual within this fraction of the coefficients' magnitude is float64 cancellation, not a wrong
+# formula: a correct rule on a grid with near-duplicate levels gives ~1e-16, a sign error ~0.4.
+_ROUNDING_RESIDUAL = 1e-12
 
 
 def empty_tables(schedule: Schedule, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +90,32 @@ class Relation:
         # Exact for y = const (Σ a = 1) and for y = τ (f = 1): the order-1 conditions.
         const_err = (a.sum(dim=1) - 1.0).abs()
         linear_err = ((a * past).sum(dim=1) + c.sum(dim=1) - tau[n]).abs() / scale
-        worst = torch.maximum(const_err, linear_err).max().item()
+        residual = torch.maximum(const_err, linear_err)
+        worst = residual.max().item()
         if worst > _CONSISTENCY_RTOL:
+            # A residual at the rounding level of the coefficients' own size is the grid's fault:
+            # steps that differ by orders of magnitude (near-duplicate levels) make the
+            # coefficients so large that float64 cancels them to noise.
+            size = a.abs().sum(dim=1) + ((a * past).abs().sum(dim=1) + c.abs().sum(dim=1)) / scale
+            row = int(residual.argmax())
+            if residual[row] <= _ROUNDING_RESIDUAL * size[row]:
+                raise ValueError(self._grid_message(int(n[row]), worst, float(size[row])))
             raise ValueError(f"{self.name}: coefficients are not consistent (order-1 residual {worst:.3g}); "
                              "check the rule's formulas")
+
+    def _grid_message(self, n: int, residual: float, size: float) -> str:
+        """Why this grid cannot carry the relation at row n: its steps and levels, by name."""
+        s, m = self.schedule, self.m
+        unit = "train timesteps" if s.kind == "discrete" else "sigmas"
+        steps = [float(s.H[level]) for level in range(n - m, n)]
+        ratio = max(steps) / min(steps)
+        at = ", ".join(repr(s.timestep(level)) for level in range(n - m, n + 1))
+        return (f"{self.name} cannot run on this grid (num_steps = {s.num_steps}): its steps into level {n} "
+                f"(levels {n - m}…{n}, {unit} {at}; step sizes H = "
+                f"{', '.join(f'{h:.3g}' for h in steps)}) differ by a factor {ratio:.3g}, so the relation's "
+                f"coefficients (size {size:.3g}) cancel to rounding noise in float64 (order-1 residual "
+                f"{residual:.3g}). Use a grid without (near-)duplicate levels: drop one of the close {unit}, "
+                "or use fewer steps")
 
     @property
     def bidirectional(self) -> bool:
