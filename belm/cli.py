@@ -575,8 +575,8 @@ def _check(args: argparse.Namespace) -> None:
             _check_heldout(args, label=int(args.source) if args.command == "edit" and args.source is not None
                            else None)
     _check_steps(args)
+    _check_out(args)            # before the sizes: sample's disk bound reads the free space of --out
     _check_sizes(args)
-    _check_out(args)
     if args.command == "invert":
         _check_invert(args)
 
