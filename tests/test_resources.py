@@ -211,3 +211,22 @@ def test_sample_writes_each_batch_before_sampling_the_next(monkeypatch, tmp_path
     written = load_file(out / "samples.safetensors")["images"]
     assert written.shape == (130, 1, 16, 16) and written.dtype == torch.float32
     assert torch.equal(written, torch.cat([images for _, images in produced]).to(torch.float32))
+
+
+@pytest.mark.parametrize("sampler, dtype, gamma, error, noted", [
+    ("obelm", "float32", None, 3.7e-6, True),      # the N = 16 --steps 300 case: 2.5e-6
+    ("bdia", "bfloat16", None, 1e-4, True),
+    ("obelm", "float32", None, 1.9e-13, False),    # float64 rounding: nothing to explain
+    ("obelm", "float64", None, 3.7e-6, False),     # a float64 network: not this cause
+    ("ddim", "float32", None, 0.15, False),        # DDIM is not exact
+    ("edict", "float32", None, 1e-6, False),       # EDICT's own growth (GrowthWarning)
+    ("bdia", "float32", 0.5, 1e-6, False),
+])
+def test_reconstruct_names_the_network_precision_when_the_round_trip_exceeds_state_rounding(
+        sampler, dtype, gamma, error, noted):
+    import argparse
+    from belm.cli import _precision_note
+    note = _precision_note(argparse.Namespace(sampler=sampler, dtype=dtype, gamma=gamma), error)
+    assert (note is not None) == noted
+    if noted:
+        assert f"{error:.2g}" in note and "--dtype float64" in note and "bitwise" in note
