@@ -1323,11 +1323,8 @@ def _sample_latents(args: argparse.Namespace) -> dict:
     kill: a rerun resumes); rank 0 assembles them in index order and commits --out."""
     import shutil
 
-    import torch
-    from safetensors.torch import save_file
-
     from belm.apps import datasets
-    from belm.apps.io import OutputDir, save_grid, save_images
+    from belm.apps.io import OutputDir
     from belm.apps.sharding import world
     index = args.latents_index
     rank, size = world(args.device)
@@ -1343,15 +1340,13 @@ def _sample_latents(args: argparse.Namespace) -> dict:
                                      "peak_rss_mib": datasets.peak_rss_mib()}, size)
     if rank != 0:
         return {}
-    images = datasets.gather_parts(index, parts)
     summary = dict(seconds=seconds, ranks=ranks, world_size=size, latents=args.latents, **args.settings)
     summary["inputs"] = [entry["path"] for entry in index["images"]]
+    counts = [entry["count"] for entry in index["shards"]]
     with OutputDir(args.out) as out:
-        save_grid(out, [images[i:i + 10] for i in range(0, min(len(images), 100), 10)], "grid.png",
-                  scale=_picture_scale(model))
-        save_images(out, images, [f"sample_{i:06d}.png" for i in range(len(images))],
-                    scale=_save_scale(model, images))
-        save_file({"images": images.contiguous().to(torch.float32)}, str(out.file("samples.safetensors")))
+        # one part (shard) in memory at a time, in index order, through the writer of `sample`
+        summary["grid"] = _write_samples(out, model, datasets.iter_parts(parts, range(len(counts)), counts),
+                                         range(sum(counts)))
         out.write_json("summary.json", summary)
         shutil.rmtree(parts)      # last: a kill before the commit keeps the parts for a rerun
     print(_rank_table(ranks))

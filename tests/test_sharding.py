@@ -95,10 +95,8 @@ def test_sharded_sample_streams_parts_and_never_gathers_images(monkeypatch, tmp_
     # Before: rank 0 collected every rank's images with all_gather_object (every image in the
     # memory of every rank). Now each rank writes its batches as parts inside --out and rank 0
     # reads them back one part at a time; the outputs are those of one process.
-    import gc
-    import weakref
-
     import torch.distributed as dist
+    from alive_batches import AliveBatches
 
     from belm import cli
     from belm.apps import datasets, sharding
@@ -110,22 +108,12 @@ def test_sharded_sample_streams_parts_and_never_gathers_images(monkeypatch, tmp_
         monkeypatch.setattr(dist, name, no_gather)
     barriers = []
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(1))
-    plain = datasets.iter_parts
-    read, alive_before = [], []
-
-    def iter_parts(*args, **kwargs):
-        for images in plain(*args, **kwargs):
-            gc.collect()
-            # the writer's loop variable may still hold the part before this one; no other
-            alive_before.append(sum(ref() is not None for ref in read))
-            read.append(weakref.ref(images))
-            yield images
-
-    monkeypatch.setattr(datasets, "iter_parts", iter_parts)
+    read = AliveBatches(datasets.iter_parts)
+    monkeypatch.setattr(datasets, "iter_parts", read.wrapped)
     args = ["sample", "--num", "7", "--steps", "2", "--seed", "3", "--batch-size", "2", "--no-progress"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli.main([*args, "--out", str(one)]) == 0
-    assert not read and not barriers                # one process: no parts, no barrier
+    assert not read.copies and not barriers                # one process: no parts, no barrier
     for rank in (1, 0):                             # rank 1 finishes first; rank 0 assembles after it
         monkeypatch.setattr(sharding, "world", lambda *a, rank=rank: (rank, 2))
         assert cli.main([*args, "--out", str(two)]) == 0
@@ -133,7 +121,7 @@ def test_sharded_sample_streams_parts_and_never_gathers_images(monkeypatch, tmp_
             assert sorted(p.name for p in (two / ".belm-parts").iterdir()) == ["part-000002.safetensors",
                                                                                "part-000003.safetensors"]
             assert not (two / "samples.safetensors").exists()
-    assert len(barriers) == 2 and len(read) == 4 and max(alive_before) <= 1
+    assert len(barriers) == 2 and len(read.copies) == 4 and read.most_alive <= 1
     assert _outputs(two) == _outputs(one)
     assert not (two / ".belm-parts").exists()
     assert not hasattr(sharding, "gather_in_order")

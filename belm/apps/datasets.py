@@ -44,7 +44,7 @@ from belm.solvers.base import Latent
 __all__ = ["IMAGE_SUFFIXES", "FIT_POLICIES", "DATASET_FORMAT", "list_images", "read_image", "ImageFiles",
            "atomic_write", "canonical_safetensors", "tensor_digest", "DatasetPlan", "invert_dataset",
            "read_index", "load_shard", "iter_latents", "sample_dataset", "shard_name", "check_folder", "check_headers",
-           "inverter", "sampler_options", "input_shape", "write_index", "gather_figures", "gather_parts",
+           "inverter", "sampler_options", "input_shape", "write_index", "gather_figures",
            "PARTS_FOLDER", "part_path", "write_part", "iter_parts",
            "peak_rss_mib", "json_bytes", "SETTINGS_FILE", "INDEX_FILE", "SUMMARY_FILE"]
 
@@ -635,9 +635,3 @@ def _part_is_done(path: Path, index: dict, k: int) -> bool:
                 and f.get_slice("images").get_shape()[0] == index["shards"][k]["count"]
     except Exception:  # noqa: BLE001 - a damaged part is recomputed
         return False
-
-
-def gather_parts(index: dict, parts: str | os.PathLike) -> torch.Tensor:
-    """All sampled images (N, C, H, W) in index order, read back from the parts folder."""
-    return torch.cat(list(iter_parts(parts, range(len(index["shards"])),
-                                     [entry["count"] for entry in index["shards"]])))
