@@ -1026,18 +1026,20 @@ def _sample_latent(args: argparse.Namespace, model) -> dict:
 def cmd_sample(args: argparse.Namespace) -> dict:
     if getattr(args, "latents", None) is not None:
         return _sample_latents(args)
-    from belm.apps import tasks
-    from belm.apps.io import OutputDir, save_images
-    from belm.apps.sharding import gather_in_order, shard, world
+    import shutil
+
+    from belm.apps import datasets, tasks
+    from belm.apps.io import OutputDir
+    from belm.apps.sharding import shard, world
     model = _load(args)
     if args.latent is not None:
         return _sample_latent(args, model)
-    import torch
     if args.batch_size is None:
         args.batch_size = 64
     seeds = list(range(args.seed, args.seed + args.num))
     conditions = _sample_conditions(model, args, seeds)
-    mine = shard(seeds, block=args.batch_size)  # whole batches per rank: same bits as one process
+    rank, size = world()
+    mine = shard(seeds, block=args.batch_size, rank=rank, world_size=size)  # whole batches: same bits as 1 process
     # mine is a contiguous slice of the consecutive seeds: its conditions are the same slice (O(N)).
     first = mine[0] - args.seed if mine else 0
     cond_mine = conditions[first:first + len(mine)] if isinstance(conditions, list) else conditions
@@ -1046,30 +1048,50 @@ def cmd_sample(args: argparse.Namespace) -> dict:
                                      guidance=args.guidance, batch_size=args.batch_size,
                                      progress=not args.no_progress, spacing=args.spacing,
                                      sampler_options=_sampler_options(args))
-    if world()[1] > 1:   # sharded: rank 0 gathers every rank's images and writes them as one batch
-        images = gather_in_order(torch.cat(list(batches)) if mine else torch.empty(0), mine, seeds)
-        if images is None:  # a non-zero rank: rank 0 writes
+    parts = Path(args.out) / datasets.PARTS_FOLDER
+    if size > 1:
+        # No images cross between ranks: each rank writes its batches as parts inside --out (the
+        # part's number is the batch's in the seed order), and rank 0 reads them back one at a time.
+        import torch.distributed as dist
+        for j, images in enumerate(batches):
+            datasets.write_part(parts, first // args.batch_size + j, images)
+        dist.barrier()      # every part is written
+        if rank != 0:
             return {}
-        batches = iter([images])
+        starts = range(0, args.num, args.batch_size)
+        batches = datasets.iter_parts(parts, range(len(starts)),
+                                      [min(args.batch_size, args.num - s) for s in starts])
     summary = dict(**args.settings)
     with OutputDir(args.out) as out:
-        # One batch in memory at a time (plus the grid's first images): each is written as it comes.
-        samples, shown, done = None, [], 0
-        for images in batches:
-            if samples is None:
-                samples = _RowsFile(out.file("samples.safetensors"), "images", (args.num, *images.shape[1:]))
-            samples.write(images)
-            save_images(out, images, [f"sample_{s:06d}.png" for s in seeds[done:done + len(images)]],
-                        scale=_save_scale(model, images))
-            if done < GRID_IMAGES:   # a copy: a view would keep the whole batch alive
-                shown.append(images[:GRID_IMAGES - done].clone())
-            done += len(images)
-        samples.close()
+        summary["grid"] = _write_samples(out, model, batches, seeds)
         summary["seconds"] = time.perf_counter() - t0
-        summary["grid"] = _save_sample_grid(out, model, torch.cat(shown), total=done)
         out.write_json("summary.json", summary)
+    if size > 1:
+        shutil.rmtree(parts)    # after the commit: a failed commit leaves the parts for a look
     print(_table([[args.sampler, args.steps, args.num, summary["seconds"]]], ["sampler", "steps", "num", "seconds"]))
     return summary
+
+
+def _write_samples(out, model, batches, numbers: Sequence[int]) -> str:
+    """Write ``batches`` (each (b, C, H, W) in [−1, 1], in order) into ``out`` as they come: image i
+    as sample_{numbers[i]:06d}.png, all as the rows of samples.safetensors (float32, len(numbers) rows), and
+    the first :data:`GRID_IMAGES` as grid.png. Only one batch is held at a time (plus the grid's
+    first images); returns the grid's line for the summary."""
+    import torch
+
+    from belm.apps.io import save_images
+    samples, shown, done = None, [], 0
+    for images in batches:
+        if samples is None:
+            samples = _RowsFile(out.file("samples.safetensors"), "images", (len(numbers), *images.shape[1:]))
+        samples.write(images)
+        save_images(out, images, [f"sample_{n:06d}.png" for n in numbers[done:done + len(images)]],
+                    scale=_save_scale(model, images))
+        if done < GRID_IMAGES:   # a copy: a view would keep the whole batch alive
+            shown.append(images[:GRID_IMAGES - done].clone())
+        done += len(images)
+    samples.close()
+    return _save_sample_grid(out, model, torch.cat(shown), total=done)
 
 
 class _RowsFile:
@@ -1327,17 +1349,14 @@ def _sample_latents(args: argparse.Namespace) -> dict:
     kill: a rerun resumes); rank 0 assembles them in index order and commits --out."""
     import shutil
 
-    import torch
-    from safetensors.torch import save_file
-
     from belm.apps import datasets
-    from belm.apps.io import OutputDir, save_grid, save_images
+    from belm.apps.io import OutputDir
     from belm.apps.sharding import world
     index = args.latents_index
     rank, size = world(args.device)
     model = _load(args)
     sample = _latents_sampler(args, model, model.parse_condition(args.target, "--target"), args.guidance)
-    parts = Path(args.out) / ".belm-parts"
+    parts = Path(args.out) / datasets.PARTS_FOLDER
     t0 = time.perf_counter()
     done = datasets.sample_dataset(index, args.latents, parts, sample_fn=sample, rank=rank, world_size=size)
     seconds = time.perf_counter() - t0
@@ -1347,15 +1366,13 @@ def _sample_latents(args: argparse.Namespace) -> dict:
                                      "peak_rss_mib": datasets.peak_rss_mib()}, size)
     if rank != 0:
         return {}
-    images = datasets.gather_parts(index, parts)
     summary = dict(seconds=seconds, ranks=ranks, world_size=size, latents=args.latents, **args.settings)
     summary["inputs"] = [entry["path"] for entry in index["images"]]
+    counts = [entry["count"] for entry in index["shards"]]
     with OutputDir(args.out) as out:
-        save_grid(out, [images[i:i + 10] for i in range(0, min(len(images), 100), 10)], "grid.png",
-                  scale=_picture_scale(model))
-        save_images(out, images, [f"sample_{i:06d}.png" for i in range(len(images))],
-                    scale=_save_scale(model, images))
-        save_file({"images": images.contiguous().to(torch.float32)}, str(out.file("samples.safetensors")))
+        # one part (shard) in memory at a time, in index order, through the writer of `sample`
+        summary["grid"] = _write_samples(out, model, datasets.iter_parts(parts, range(len(counts)), counts),
+                                         range(sum(counts)))
         out.write_json("summary.json", summary)
         shutil.rmtree(parts)      # last: a kill before the commit keeps the parts for a rerun
     print(_rank_table(ranks))

@@ -277,7 +277,26 @@ def test_sample_parts_resume_and_assemble_in_index_order(tmp_path, reference):
     assert datasets.sample_dataset(index, reference, parts, sample_fn=sample_fn) == [1]
     assert seen == [3, 3, 1, 3]
     expected = torch.cat([lat.states[0] for _, lat in datasets.iter_latents(reference, index)]).to(torch.float32)
-    assert torch.equal(datasets.gather_parts(index, parts), expected)
+    counts = [entry["count"] for entry in index["shards"]]
+    assert torch.equal(torch.cat(list(datasets.iter_parts(parts, range(3), counts))), expected)
+    with pytest.raises(ValueError, match="part-000001.safetensors holds 3 images; 1 expected"):
+        list(datasets.iter_parts(parts, [0, 1], [3, 1]))
+    with pytest.raises(FileNotFoundError, match="part-000003.safetensors is missing"):
+        list(datasets.iter_parts(parts, [3]))
+
+
+def test_sample_latents_holds_one_part_at_a_time(monkeypatch, tmp_path, reference):
+    # Before: rank 0 read every part into one tensor (all images in memory) before writing.
+    from alive_batches import AliveBatches
+    from safetensors.torch import load_file
+    read = AliveBatches(datasets.iter_parts)
+    monkeypatch.setattr(datasets, "iter_parts", read.wrapped)
+    out = tmp_path / "s"
+    assert main(["sample", "--latents", str(reference), "--out", str(out), "--no-progress"]) == 0
+    assert len(read.copies) == 3 and read.most_alive <= 1
+    assert torch.equal(load_file(str(out / "samples.safetensors"))["images"], torch.cat(read.copies))
+    assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i:06d}.png" for i in range(7)]
+    assert not (out / ".belm-parts").exists()
 
 
 def test_invert_refuses_a_folder_it_did_not_write(tmp_path, digits_folder, capsys):

@@ -185,32 +185,20 @@ def test_sample_grid_shows_at_most_grid_images(tmp_path):
 
 def test_sample_writes_each_batch_before_sampling_the_next(monkeypatch, tmp_path):
     # All samples were held in RAM (10⁶ digits: 1 GB, SD images far more). Now one batch at a time.
-    import gc
-    import weakref
-
+    from alive_batches import AliveBatches
     from safetensors.torch import load_file
 
     import belm.cli as cli
     from belm.apps import tasks
-    plain = tasks.generate_batches
-    produced, alive_before = [], []
-
-    def generate_batches(*args, **kwargs):
-        for images in plain(*args, **kwargs):
-            gc.collect()
-            # The caller's loop variable may still hold the batch before this one; no other.
-            alive_before.append(sum(ref() is not None for ref, _ in produced))
-            produced.append((weakref.ref(images), images.clone()))
-            yield images
-
-    monkeypatch.setattr(tasks, "generate_batches", generate_batches)
+    produced = AliveBatches(tasks.generate_batches)
+    monkeypatch.setattr(tasks, "generate_batches", produced.wrapped)
     out = tmp_path / "o"
     assert cli.main(["sample", "--num", "130", "--steps", "2", "--batch-size", "40", "--out", str(out),
                      "--no-progress"]) == 0
-    assert len(produced) == 4 and max(alive_before) <= 1
+    assert len(produced.copies) == 4 and produced.most_alive <= 1
     written = load_file(out / "samples.safetensors")["images"]
     assert written.shape == (130, 1, 16, 16) and written.dtype == torch.float32
-    assert torch.equal(written, torch.cat([images for _, images in produced]).to(torch.float32))
+    assert torch.equal(written, torch.cat(produced.copies).to(torch.float32))
 
 
 @pytest.mark.parametrize("sampler, dtype, gamma, error, noted", [

@@ -60,12 +60,16 @@ def _env() -> dict:
     return env
 
 
+def _outputs(folder: Path) -> dict:
+    """Every file of a sample run, by name, but summary.json (its seconds and command differ)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != "summary.json"}
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_bit_identical_to_one_process(tmp_path):
-    from safetensors.torch import load_file
-
-    # --batch-size 3: two batches of 3 seeds, one per rank (slices are whole batches).
-    args = ["sample", "--model", "digits", "--num", "6", "--steps", "5", "--seed", "3", "--no-progress",
+    # --batch-size 3, 7 seeds: batches of 3, 3, 1; rank 0 samples the first two, rank 1 the
+    # last (slices are whole batches).
+    args = ["sample", "--model", "digits", "--num", "7", "--steps", "5", "--seed", "3", "--no-progress",
             "--batch-size", "3"]
     one, two = tmp_path / "D1", tmp_path / "D2"
     proc = subprocess.run([sys.executable, "-m", "belm.cli", *args, "--out", str(one)], cwd=REPO, env=_env(),
@@ -78,8 +82,46 @@ def test_torchrun_two_ranks_bit_identical_to_one_process(tmp_path):
     proc = subprocess.run([*launcher, *args, "--out", str(two)], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    a = load_file(str(one / "samples.safetensors"))["images"]
-    b = load_file(str(two / "samples.safetensors"))["images"]
-    assert a.shape == (6, 1, 16, 16)
-    assert torch.equal(a, b)
-    assert sorted(p.name for p in two.glob("sample_*.png")) == [f"sample_{s:06d}.png" for s in range(3, 9)]
+    from safetensors.torch import load_file
+    assert load_file(str(two / "samples.safetensors"))["images"].shape == (7, 1, 16, 16)
+    assert sorted(p.name for p in two.glob("sample_*.png")) == [f"sample_{s:06d}.png" for s in range(3, 10)]
+    # samples.safetensors, every PNG and the grid: the bytes of one process; the parts are gone
+    assert _outputs(two) == _outputs(one)
+    assert not (two / ".belm-parts").exists()
+
+
+# -- the assembly on rank 0, in process (two ranks simulated, one after the other) ----------
+def test_sharded_sample_streams_parts_and_never_gathers_images(monkeypatch, tmp_path):
+    # Before: rank 0 collected every rank's images with all_gather_object (every image in the
+    # memory of every rank). Now each rank writes its batches as parts inside --out and rank 0
+    # reads them back one part at a time; the outputs are those of one process.
+    import torch.distributed as dist
+    from alive_batches import AliveBatches
+
+    from belm import cli
+    from belm.apps import datasets, sharding
+
+    def no_gather(*args, **kwargs):
+        raise AssertionError("images were gathered between ranks")
+
+    for name in ("all_gather_object", "gather_object", "all_gather", "gather", "broadcast_object_list"):
+        monkeypatch.setattr(dist, name, no_gather)
+    barriers = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(1))
+    read = AliveBatches(datasets.iter_parts)
+    monkeypatch.setattr(datasets, "iter_parts", read.wrapped)
+    args = ["sample", "--num", "7", "--steps", "2", "--seed", "3", "--batch-size", "2", "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main([*args, "--out", str(one)]) == 0
+    assert not read.copies and not barriers                # one process: no parts, no barrier
+    for rank in (1, 0):                             # rank 1 finishes first; rank 0 assembles after it
+        monkeypatch.setattr(sharding, "world", lambda *a, rank=rank: (rank, 2))
+        assert cli.main([*args, "--out", str(two)]) == 0
+        if rank == 1:                               # its batches (seeds 7, 8 and 9) are parts in --out
+            assert sorted(p.name for p in (two / ".belm-parts").iterdir()) == ["part-000002.safetensors",
+                                                                               "part-000003.safetensors"]
+            assert not (two / "samples.safetensors").exists()
+    assert len(barriers) == 2 and len(read.copies) == 4 and read.most_alive <= 1
+    assert _outputs(two) == _outputs(one)
+    assert not (two / ".belm-parts").exists()
+    assert not hasattr(sharding, "gather_in_order")

@@ -44,7 +44,8 @@ from belm.solvers.base import Latent
 __all__ = ["IMAGE_SUFFIXES", "FIT_POLICIES", "DATASET_FORMAT", "list_images", "read_image", "ImageFiles",
            "atomic_write", "canonical_safetensors", "tensor_digest", "DatasetPlan", "invert_dataset",
            "read_index", "load_shard", "iter_latents", "sample_dataset", "shard_name", "check_folder", "check_headers",
-           "inverter", "sampler_options", "input_shape", "write_index", "gather_figures", "gather_parts",
+           "inverter", "sampler_options", "input_shape", "write_index", "gather_figures",
+           "PARTS_FOLDER", "part_path", "write_part", "iter_parts",
            "peak_rss_mib", "json_bytes", "SETTINGS_FILE", "INDEX_FILE", "SUMMARY_FILE"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -53,6 +54,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 FIT_POLICIES = ("none", "resize", "crop")
 DATASET_FORMAT = "belm-dataset/1"
 SETTINGS_FILE, INDEX_FILE, SUMMARY_FILE = "dataset.json", "index.json", "summary.json"
+#: inside --out of a sharded `sample`: each rank's part files, until rank 0 has assembled them
+PARTS_FOLDER = ".belm-parts"
 #: test-only: seconds each rank sleeps after writing a shard (lets a test SIGKILL a run mid-way)
 _PAUSE_ENV = "BELM_TEST_PAUSE_AFTER_SHARD"
 
@@ -580,18 +583,46 @@ def sample_dataset(index: dict, folder: str | os.PathLike, parts: str | os.PathL
     """Sample this rank's shards of a latents folder into ``parts`` (one atomically written
     ``part-K.safetensors`` of images per shard; finished parts are kept, so a rerun resumes).
     Returns the shards this rank computed."""
-    from safetensors.torch import save
-
     from belm.apps.sharding import shards_of_rank
-    parts = Path(parts)
-    parts.mkdir(parents=True, exist_ok=True)
     mine = shards_of_rank(len(index["shards"]), rank, world_size)
-    todo = [k for k in mine if not _part_is_done(parts / f"part-{k:06d}.safetensors", index, k)]
+    todo = [k for k in mine if not _part_is_done(part_path(parts, k), index, k)]
     for k, lat in iter_latents(folder, index, todo):
-        images = sample_fn(lat).detach().cpu().contiguous().to(torch.float32)
-        meta = {"shard_sha256": index["shards"][k]["sha256"]}
-        atomic_write(parts / f"part-{k:06d}.safetensors", save({"images": images}, metadata=meta))
+        write_part(parts, k, sample_fn(lat), {"shard_sha256": index["shards"][k]["sha256"]})
     return todo
+
+
+def part_path(parts: str | os.PathLike, k: int) -> Path:
+    """Where part ``k`` (the images of one shard, or of one batch of seeds) lives in ``parts``."""
+    return Path(parts) / f"part-{k:06d}.safetensors"
+
+
+def write_part(parts: str | os.PathLike, k: int, images: torch.Tensor,
+               metadata: Optional[dict[str, str]] = None) -> None:
+    """Write ``images`` (b, C, H, W; stored as float32 on the CPU) as part ``k`` in ``parts``,
+    atomically: a reader (or a rerun checking what is done) sees the whole part or none."""
+    from safetensors.torch import save
+    images = images.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    Path(parts).mkdir(parents=True, exist_ok=True)
+    atomic_write(part_path(parts, k), save({"images": images}, metadata=metadata))
+
+
+def iter_parts(parts: str | os.PathLike, ks: Sequence[int], counts: Optional[Sequence[int]] = None):
+    """Yield the images (b, C, H, W) float32 of parts ``ks`` in that order, one part read at a
+    time (the caller writes each out before the next is read, so memory holds one part).
+
+    Raises:
+        FileNotFoundError: a part is missing.
+        ValueError: part ``ks[i]`` does not hold ``counts[i]`` images (a rank wrote another batch).
+    """
+    from safetensors.torch import load_file
+    for i, k in enumerate(ks):
+        path = part_path(parts, k)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the rank that computes part {k} did not write it")
+        images = load_file(str(path))["images"]
+        if counts is not None and images.shape[0] != counts[i]:
+            raise ValueError(f"{path} holds {images.shape[0]} images; {counts[i]} expected")
+        yield images
 
 
 def _part_is_done(path: Path, index: dict, k: int) -> bool:
@@ -604,11 +635,3 @@ def _part_is_done(path: Path, index: dict, k: int) -> bool:
                 and f.get_slice("images").get_shape()[0] == index["shards"][k]["count"]
     except Exception:  # noqa: BLE001 - a damaged part is recomputed
         return False
-
-
-def gather_parts(index: dict, parts: str | os.PathLike) -> torch.Tensor:
-    """All sampled images (N, C, H, W) in index order, read back from the parts folder."""
-    from safetensors.torch import load_file
-    parts = Path(parts)
-    return torch.cat([load_file(str(parts / f"part-{k:06d}.safetensors"))["images"]
-                      for k in range(len(index["shards"]))])

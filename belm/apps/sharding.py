@@ -6,7 +6,9 @@ the batch size (``block``), so every batch a rank forms is a batch the single-pr
 forms too: the union of the slices is bit-identical to a single-process run. (CPU kernels
 may round differently for other batch compositions or intra-op thread counts; torchrun
 sets ``OMP_NUM_THREADS=1`` per rank, so compare with a single process run with the same
-setting.) Rank 0 gathers the images in seed order and writes the outputs.
+setting.) No images cross between ranks: each rank writes its batches as part files inside
+``--out`` and rank 0, after a barrier, reads them back one at a time in seed order and writes
+the outputs (:func:`belm.apps.datasets.write_part`, :func:`belm.apps.datasets.iter_parts`).
 
 The backend follows the device (nccl for CUDA devices, gloo otherwise), a CUDA rank is bound
 to its ``LOCAL_RANK``, and the rendezvous is bounded in time: inherited ``WORLD_SIZE`` /
@@ -23,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["world", "shard", "gather_in_order", "init_world", "launched_world_size", "backend_for",
+__all__ = ["world", "shard", "init_world", "launched_world_size", "backend_for",
            "shards_of_rank", "RENDEZVOUS_TIMEOUT_ENV"]
 
 #: seconds the ranks may take to meet (default 60): an inherited WORLD_SIZE without its launcher fails
@@ -179,18 +181,3 @@ def shard(seeds: Sequence[int], *, block: int = 1, rank: Optional[int] = None,
     first = rank * per + min(rank, extra)
     count = per + (1 if rank < extra else 0)
     return list(seeds[first * block:(first + count) * block])
-
-
-def gather_in_order(images: torch.Tensor, mine: Sequence[int], seeds: Sequence[int]) -> Optional[torch.Tensor]:
-    """All images in the order of ``seeds`` on rank 0; None on the other ranks."""
-    rank, size = world()
-    if size == 1:
-        return images
-    import torch.distributed as dist
-    parts: list = [None] * size
-    dist.all_gather_object(parts, (list(mine), images.cpu()))
-    dist.barrier()
-    if rank != 0:
-        return None
-    by_seed = {s: img for part_seeds, part in parts for s, img in zip(part_seeds, part)}
-    return torch.stack([by_seed[s] for s in seeds])
