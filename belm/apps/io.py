@@ -57,7 +57,8 @@ __all__ = ["OutputDir", "OutputFolderError", "to_uint8", "save_grid", "save_imag
 MANIFEST = ".belm-outputs.json"
 #: The commit journal: present only between a run's commit point and the end of its commit.
 JOURNAL = ".belm-commit.json"
-#: The lock file that serializes runs on one folder (``flock``; kept: deleting lock files races).
+#: The lock file that serializes runs on one folder (``flock``); removed when the run ends, after
+#: checking that the file it locked is still the one in the folder (a run that finds it replaced retries).
 LOCK = ".belm-lock"
 _STAGE_PREFIX = ".belm-stage-"
 _TMP_PREFIX = ".belm-tmp-"
