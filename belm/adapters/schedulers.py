@@ -74,7 +74,7 @@ from belm.adapters.eps import PREDICTION_TYPES, to_epsilon
 from belm.errors import LatentMismatchError
 from belm.schedule import SPACINGS, Schedule
 from belm.solvers import BDIA, DDIM, OBELM, Latent, MultistepChain, MultistepSampler
-from belm.solvers.base import latent_x_method
+from belm.solvers.base import device_supports_float64, latent_x_method
 from belm.solvers.growth import check_inversion_growth
 
 __all__ = ["BELMScheduler", "BELMInverseScheduler", "BELMSchedulerOutput", "METHODS", "IgnoredConfigWarning"]
@@ -351,7 +351,7 @@ class _BELMSchedulerBase(SchedulerMixin, ConfigMixin):
 
     @staticmethod
     def _state_dtype(sample: torch.Tensor) -> torch.dtype:
-        return torch.float32 if sample.device.type == "mps" else torch.float64  # MPS has no float64
+        return torch.float64 if device_supports_float64(sample.device) else torch.float32
 
     def _epsilon(self, model_output: torch.Tensor, x: torch.Tensor, timestep: int) -> torch.Tensor:
         if not isinstance(model_output, torch.Tensor) or model_output.shape != x.shape:

@@ -5,8 +5,8 @@ A latents folder (``belm invert IMAGES… --out DIR``) holds:
 - ``shard-000000.safetensors``, ``shard-000001.safetensors``, …: the inverted latents of a
   fixed run of ``shard_size`` inputs each, in the sorted order of the input paths (the
   :class:`~belm.solvers.base.Latent` file format, so ``Latent.load`` reads a shard; the
-  latent's identity, the shard's number, its input paths and the sha256 of its tensors are
-  in the metadata). Each is written atomically (a temporary file in DIR, fsync, rename,
+  latent's identity, the shard's number, its input paths and the sha256 record of every
+  field, :meth:`~belm.solvers.base.Latent.file_parts`, are in the metadata). Each is written atomically (a temporary file in DIR, fsync, rename,
   fsync of DIR) as soon as it is done, with its JSON header in canonical order, so the same
   latents give the same bytes.
 - ``dataset.json``: the settings that decide the latents (model, sampler, grid, condition,
@@ -39,10 +39,10 @@ import torch
 from belm._files import write_atomically
 
 from belm.apps.models import ModelHandle
-from belm.solvers.base import Latent
+from belm.solvers.base import DIGEST_KEY, Latent
 
 __all__ = ["IMAGE_SUFFIXES", "FIT_POLICIES", "DATASET_FORMAT", "list_images", "read_image", "ImageFiles",
-           "atomic_write", "canonical_safetensors", "tensor_digest", "DatasetPlan", "invert_dataset",
+           "atomic_write", "canonical_safetensors", "DatasetPlan", "invert_dataset",
            "read_index", "load_shard", "iter_latents", "sample_dataset", "shard_name", "check_folder", "check_headers",
            "inverter", "sampler_options", "input_shape", "write_index", "gather_figures",
            "PARTS_FOLDER", "part_path", "write_part", "iter_parts",
@@ -187,17 +187,6 @@ def json_bytes(data: Any) -> bytes:
     return (json.dumps(strict_json(data), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the named tensors (name, dtype, shape and bytes, in name order): equal iff the
-    tensors are equal bit for bit."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """A safetensors file whose bytes depend only on its content: safetensors writes its metadata
     in hash-map order (different in every process), so the JSON header is rewritten with sorted
@@ -287,19 +276,21 @@ def check_folder(out: Path, plan: DatasetPlan) -> None:
                          "choose an empty or new folder")
 
 
-def _shard_is_done(path: Path, plan: DatasetPlan, k: int, fingerprint: str) -> bool:
-    """The shard file exists, carries this plan's identity for shard ``k`` and its tensors match
-    their recorded hash (file presence alone proves nothing: a foreign or damaged file is redone)."""
+def _finished_shard(path: Path, plan: DatasetPlan, k: int, fingerprint: str) -> Optional[dict[str, str]]:
+    """The metadata of shard ``k`` if its file is done: it exists, carries this plan's identity
+    for shard ``k``, and passes :meth:`Latent.load`, which checks every tensor and metadata entry
+    against the sha256 record that :meth:`Latent.file_parts` wrote (required here: file presence
+    alone proves nothing, so a foreign, damaged or record-less file is redone). Else None."""
     if not path.is_file():
-        return False
+        return None
     try:
-        lat, meta = load_shard(path)
+        _, meta = load_shard(path)
         paths = json.loads(meta.get("belm_paths", "null"))
     except (ValueError, OSError):
-        return False
-    return (meta.get("belm_dataset") == fingerprint and meta.get("belm_shard") == str(k)
-            and paths == [plan.paths[i] for i in plan.rows(k)]
-            and meta.get("belm_content_sha256") == tensor_digest(lat.file_parts()[0]))
+        return None
+    done = (DIGEST_KEY in meta and meta.get("belm_dataset") == fingerprint and meta.get("belm_shard") == str(k)
+            and paths == [plan.paths[i] for i in plan.rows(k)])
+    return meta if done else None
 
 
 def load_shard(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Latent, dict[str, str]]:
@@ -333,7 +324,7 @@ def invert_dataset(model: ModelHandle, plan: DatasetPlan, out: str | os.PathLike
     fingerprint = plan.fingerprint()
     from belm.apps.sharding import shards_of_rank
     mine = shards_of_rank(plan.num_shards, rank, world_size)
-    pending = [k for k in mine if not _shard_is_done(out / shard_name(k), plan, k, fingerprint)]
+    pending = [k for k in mine if _finished_shard(out / shard_name(k), plan, k, fingerprint) is None]
     check_headers([plan.paths[i] for k in pending for i in plan.rows(k)], shape, plan.settings.get("fit", "none"))
     out.mkdir(parents=True, exist_ok=True)
     record = json_bytes(plan.record())
@@ -357,7 +348,7 @@ def invert_dataset(model: ModelHandle, plan: DatasetPlan, out: str | os.PathLike
         latent = _concat(parts)
         tensors, metadata = latent.file_parts(extra=dict(
             belm_dataset=fingerprint, belm_shard=str(k), belm_paths=json.dumps([plan.paths[i] for i in rows]),
-            belm_inputs_sha256=json.dumps(digests), belm_content_sha256=tensor_digest(latent.file_parts()[0])))
+            belm_inputs_sha256=json.dumps(digests)))
         atomic_write(out / shard_name(k), canonical_safetensors(tensors, metadata))
         images_done += len(rows)
         bar.update()
@@ -460,16 +451,15 @@ def write_index(out: Path, plan: DatasetPlan) -> dict:
     images, shards = [], []
     for k in range(plan.num_shards):
         path = out / shard_name(k)
-        if not _shard_is_done(path, plan, k, fingerprint):
+        meta = _finished_shard(path, plan, k, fingerprint)
+        if meta is None:
             raise ValueError(f"--out {out}: {shard_name(k)} is missing or incomplete after the run; rerun the same "
                              "command to resume")
-        _, meta = load_shard(path)
         digests = json.loads(meta["belm_inputs_sha256"])
         for row, (i, digest) in enumerate(zip(plan.rows(k), digests)):
             images.append({"path": plan.paths[i], "shard": k, "row": row, "sha256": digest})
         shards.append({"file": shard_name(k), "first": plan.rows(k).start, "count": len(plan.rows(k)),
-                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                       "content_sha256": meta["belm_content_sha256"]})
+                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     index = {**plan.record(), "fingerprint": fingerprint, "images": images, "shards": shards}
     atomic_write(out / INDEX_FILE, json_bytes(index))
     return index

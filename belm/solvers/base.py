@@ -39,7 +39,7 @@ Callback = Callable[[dict], None]
 GRAD_MODES = (None, "autograd", "reversible")
 
 _FORMAT = "belm-latent/1"
-_DIGEST_KEY = "sha256"       # metadata entry: "field=hex;..." over every other field (see Latent.load)
+DIGEST_KEY = "sha256"       # metadata entry: "field=hex;..." over every other field (see Latent.load)
 _INFO_PREFIX = "info."       # metadata entries of Latent.info
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
@@ -189,7 +189,7 @@ class Latent:
                     "level": str(self.level), "dtype": str(self.dtype).replace("torch.", ""),
                     "num_states": str(len(self.states)), **self._metadata(),
                     **{_INFO_PREFIX + k: v for k, v in self.info.items()}, **(extra or {})}
-        metadata[_DIGEST_KEY] = _format_digests(_field_digests(metadata, tensors))
+        metadata[DIGEST_KEY] = _format_digests(_field_digests(metadata, tensors))
         return tensors, metadata
 
     def save(self, path: str | os.PathLike) -> None:
@@ -321,7 +321,7 @@ def _field_digests(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tens
     """sha256 of every metadata entry (but the digest record) and every tensor, by field name."""
     out = {}
     for key, value in metadata.items():
-        if key != _DIGEST_KEY:
+        if key != DIGEST_KEY:
             out[key] = hashlib.sha256(b"metadata\0" + key.encode() + b"\0" + value.encode()).hexdigest()
     for key, t in tensors.items():
         out[key] = hashlib.sha256(b"tensor\0" + key.encode() + b"\0" + _tensor_bytes(t)).hexdigest()
@@ -362,14 +362,14 @@ class _LatentFile:
 
     def check_digests(self) -> None:
         """Compare each field with the sha256 recorded when it was written (if the file has them)."""
-        record = self.metadata.get(_DIGEST_KEY)
+        record = self.metadata.get(DIGEST_KEY)
         if record is None:
             return      # written before digests: checked field by field only
         recorded: dict[str, str] = {}
         for entry in record.split(";"):
             name, sep, value = entry.partition("=")
             if not sep or not re.fullmatch(r"[0-9a-f]{64}", value):
-                self.bad(_DIGEST_KEY, f"malformed entry {entry[:40]!r}")
+                self.bad(DIGEST_KEY, f"malformed entry {entry[:40]!r}")
             recorded[name] = value
         actual = _field_digests(self.metadata, self.tensors)
         for name in sorted(set(recorded) | set(actual)):
