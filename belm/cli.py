@@ -592,8 +592,9 @@ OUTPUT_FILES = {"sample": ("grid.png", "samples.safetensors", "summary.json"),
 def _check_out(args: argparse.Namespace) -> None:
     """--out: writable (or creatable), not in use by another run, no file of the user's under
     this command's output names; locked for this run until it ends (``args.out_lock``).
-    Under torchrun only rank 0 writes, so only rank 0 locks."""
-    from belm.apps.io import check_writable, reserve_output_folder
+    Under torchrun only rank 0 checks and locks: the ranks share --out, and a check on every
+    rank would race (each creates a missing --out to probe it and removes it again)."""
+    from belm.apps.io import reserve_output_folder
     args.out = args.out or os.path.join("outputs", args.command)
     if args.command == "demo":
         from belm.apps.demo import OUTPUT_FILES as names
@@ -602,8 +603,6 @@ def _check_out(args: argparse.Namespace) -> None:
     try:
         if os.environ.get("RANK", "0").strip() in ("", "0"):
             args.out_lock = reserve_output_folder(args.out, names)
-        else:
-            check_writable(args.out)
     except (ValueError, PermissionError) as err:
         raise CLIError(str(err)) from None
     latent = getattr(args, "save_latent", None)
